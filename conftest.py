@@ -1,0 +1,44 @@
+"""Shared test fixtures. Hypothesis is derandomised when CI is set (CI=true in .ci/run)."""
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import settings
+
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("dev", deadline=None)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def write_cifar100_pickles(root: Path, train_per_class: int = 6, test_per_class: int = 3, seed: int = 0) -> Path:
+    """Write cifar-100-python/{train,test,meta} in the original format (dicts of bytes keys, protocol 2).
+
+    The images come from ham.make_synthetic, so a model can learn them; labels are CIFAR fine labels 0..99.
+    """
+    from ham import make_synthetic
+
+    raw = make_synthetic(seed, train_per_class, test_per_class)
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    for split in ("train", "test"):
+        x, y = raw[f"{split}_x"], raw[f"{split}_y"]
+        d = {b"filenames": [f"img_{i}.png".encode() for i in range(len(y))], b"batch_label": split.encode(),
+             b"fine_labels": y.tolist(), b"coarse_labels": (y // 5).tolist(),
+             b"data": x.reshape(len(y), 3072).numpy()}
+        with open(folder / split, "wb") as f:
+            pickle.dump(d, f, protocol=2)
+    meta = {b"fine_label_names": [f"class_{c}".encode() for c in range(100)],
+            b"coarse_label_names": [f"super_{c}".encode() for c in range(20)]}
+    with open(folder / "meta", "wb") as f:
+        pickle.dump(meta, f, protocol=2)
+    return folder
+
+
+@pytest.fixture
+def cifar_root(tmp_path: Path) -> Path:
+    write_cifar100_pickles(tmp_path / "data")
+    return tmp_path / "data"

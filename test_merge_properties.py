@@ -1,0 +1,157 @@
+"""Hypothesis property tests of the merge math (PAPERS.md, 'Invariants worth property tests')."""
+import math
+
+import torch
+from hypothesis import given, strategies as st
+
+import ham
+
+seeds = st.integers(0, 2**31 - 1)
+dims = st.integers(1, 12)
+densities = st.floats(0.01, 1.0)
+
+
+def randn(seed: int, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+# ---- prune and scale
+
+
+@given(seeds, dims, dims, densities)
+def test_prune_keeps_the_largest_ceil_rho_n(seed, d, k, rho):
+    x = randn(seed, d, k)  # continuous values: no ties, no zeros
+    p = ham.prune_by_magnitude(x, rho)
+    kept = p != 0
+    assert kept.sum().item() == math.ceil(rho * x.numel())
+    assert torch.equal(p[kept], x[kept])  # kept entries are untouched
+    if (~kept).any():
+        assert x[kept].abs().min() >= x[~kept].abs().max()
+
+
+@given(seeds, dims, dims)
+def test_prune_at_density_one_is_identity(seed, d, k):
+    x = randn(seed, d, k)
+    assert torch.equal(ham.prune_by_magnitude(x, 1.0), x)
+
+
+@given(seeds, dims, dims, densities)
+def test_rescale_restores_the_unpruned_norm(seed, d, k, rho):
+    x = randn(seed, d, k)
+    s = ham.rescale_to_norm(ham.prune_by_magnitude(x, rho), x)
+    assert math.isclose(s.norm().item(), x.norm().item(), rel_tol=1e-9)
+    assert torch.equal(s != 0, ham.prune_by_magnitude(x, rho) != 0)  # scaling keeps the support
+
+
+# ---- weighted mean and running accumulators
+
+members = st.integers(1, 6)
+weights = st.lists(st.floats(0.05, 5.0), min_size=1, max_size=6)
+
+
+def deltas_for(seed: int, n: int, d: int = 4, k: int = 3) -> list[torch.Tensor]:
+    return [randn(seed + i, d, k) for i in range(n)]
+
+
+@given(seeds, weights)
+def test_weighted_mean_of_identical_deltas_is_that_delta(seed, ws):
+    x = randn(seed, 5, 3)
+    torch.testing.assert_close(ham.weighted_mean([x] * len(ws), ws), x)
+
+
+@given(seeds, weights, st.randoms())
+def test_weighted_mean_ignores_member_order(seed, ws, rnd):
+    ds = deltas_for(seed, len(ws))
+    perm = list(range(len(ws)))
+    rnd.shuffle(perm)
+    torch.testing.assert_close(ham.weighted_mean([ds[i] for i in perm], [ws[i] for i in perm]),
+                               ham.weighted_mean(ds, ws))
+
+
+@given(seeds, weights, st.floats(-4, 4))
+def test_weighted_mean_is_homogeneous(seed, ws, s):
+    ds = deltas_for(seed, len(ws))
+    torch.testing.assert_close(ham.weighted_mean([s * d for d in ds], ws), s * ham.weighted_mean(ds, ws))
+
+
+@given(seeds, weights)
+def test_weighted_mean_lies_between_members(seed, ws):
+    ds = torch.stack(deltas_for(seed, len(ws)))
+    m = ham.weighted_mean(list(ds), ws)
+    assert (m >= ds.min(0).values - 1e-12).all() and (m <= ds.max(0).values + 1e-12).all()
+
+
+@given(seeds, st.lists(st.floats(-3, 3).filter(lambda a: abs(a) > 0.05), min_size=1, max_size=6))
+def test_running_accumulators_equal_the_batch_formula(seed, alphas):
+    layers = [deltas_for(seed, len(alphas), 4, 3), deltas_for(seed + 100, len(alphas), 2, 5)]  # two layers
+    group = ham.GroupMerge("mean")
+    for i, a in enumerate(alphas):
+        group.add_(i, [layer[i] for layer in layers], a)
+    w = [abs(a) for a in alphas]  # w_i = |alpha_i|
+    for got, layer in zip(group.delta(), layers):
+        torch.testing.assert_close(got, ham.weighted_mean(layer, w).float())
+    summed = ham.GroupMerge("sum")
+    for i, a in enumerate(alphas):
+        summed.add_(i, [layer[i] for layer in layers], a)
+    torch.testing.assert_close(summed.delta()[0], sum(layers[0]).float())
+    assert group.members == list(range(len(alphas)))
+
+
+# ---- grouping
+
+
+@given(st.lists(st.lists(st.floats(-1, 1), max_size=8), min_size=1, max_size=20), st.integers(1, 8),
+       st.floats(-1, 1))
+def test_grouping_never_exceeds_max_groups(similarity_rows, max_groups, threshold):
+    n = 0
+    T = len(similarity_rows)
+    for t, row in enumerate(similarity_rows):
+        sims = (row + [0.0] * n)[:n]  # one similarity per existing group
+        g = ham.choose_group(sims, max_groups=max_groups, threshold=threshold, tasks_left=T - t)
+        assert 0 <= g <= n
+        n += g == n
+        assert n <= max_groups
+
+
+@given(st.integers(1, 20), st.floats(-1, 1))
+def test_max_groups_equal_tasks_never_merges(T, threshold):
+    groups = 0
+    for t in range(T):
+        g = ham.choose_group([1.0] * groups, max_groups=T, threshold=threshold, tasks_left=T - t)
+        assert g == groups  # always a new group, even when identical to an existing one
+        groups += 1
+
+
+@given(seeds, st.integers(2, 5), st.floats(-1, 0.99))
+def test_identical_delta_joins_its_group(seed, n_groups, threshold):
+    group_deltas = [[randn(seed + 7 * g, 6, 4), randn(seed + 7 * g + 1, 3, 3)] for g in range(n_groups)]
+    target = (seed % n_groups)
+    sims = [ham.mean_cosine(group_deltas[target], gd) for gd in group_deltas]
+    assert math.isclose(sims[target], 1.0, rel_tol=1e-6)
+    # free groups remain, but fewer than the tasks to come, so the threshold rule decides
+    g = ham.choose_group(sims, max_groups=n_groups + 3, threshold=threshold, tasks_left=100)
+    assert g == target
+
+
+# ---- LoRA
+
+
+@given(seeds, st.integers(1, 4), st.integers(5, 10), st.integers(5, 10))
+def test_lora_delta_has_rank_at_most_r(seed, r, d, k):
+    torch.manual_seed(seed)
+    layer = ham.LoRALinear(torch.nn.Linear(k, d).double(), rank=r, lora_alpha=2.0).double()
+    torch.nn.init.normal_(layer.B)
+    assert torch.linalg.matrix_rank(layer.delta().detach()).item() <= r
+
+
+@given(seeds, st.integers(1, 4), st.floats(0.1, 16))
+def test_folding_a_lora_layer_keeps_its_outputs(seed, r, lora_alpha):
+    torch.manual_seed(seed)
+    layer = ham.LoRALinear(torch.nn.Linear(6, 5).double(), rank=r, lora_alpha=lora_alpha).double()
+    torch.nn.init.normal_(layer.B)  # non-zero B
+    x = randn(seed, 3, 6)
+    with torch.no_grad():
+        before = layer(x)
+        layer.fold_()
+        torch.testing.assert_close(layer(x), before)
+        torch.testing.assert_close(layer.base(x), before)
