@@ -653,6 +653,9 @@ class Method:
     def after_backward(self, model: ViT) -> None:
         """Edit gradients before the optimizer step."""
 
+    def after_step(self, model: ViT) -> None:
+        """Called after each optimizer step."""
+
     def end_epoch(self, model: ViT, task: int, epoch: int) -> None:
         """Called after each epoch of each task."""
 
@@ -788,6 +791,7 @@ def train_task(model: ViT, method: Method, data: SplitData, task: int, args: CLA
             total.backward()
             method.after_backward(model)
             opt.step()
+            method.after_step(model)
             loss_sum += loss.detach() * len(y)
             hits += (logits.argmax(1) == y).sum()
             seen += len(y)
@@ -879,6 +883,8 @@ def run_continual(args: CLArgs, make_method: Callable[[ViT, CLArgs], Method], na
         t0 = time.perf_counter()
         info = method.end_task(model, task, data, log)
         info["consolidate_seconds"] = time.perf_counter() - t0
+        stored = method.stored_tensors()
+        info["stored_tensors"], info["stored_params"] = len(stored), sum(t.numel() for t in stored)
         per_task.append(info)
         row = evaluate(model, data, task + 1, batch_size=2 * args.batch_size, amp=device.type == "cuda")
         acc.append(row + [None] * (args.tasks - task - 1))
