@@ -1,0 +1,256 @@
+"""TRM: Trajectory Regularized Merging, continual merging without storing past models or data.
+
+Paper: https://arxiv.org/abs/2605.08311 (abstract only is public). Everything below beyond the abstract's
+three objectives is a RECONSTRUCTION (PAPERS.md, TRM reference design; README, deviations 15-20).
+
+The method in five lines:
+  1. Keep only the frozen backbone W0 and one merged delta M per LoRA layer between tasks.
+  2. Task t trains a fresh LoRA on W0 + M_{t-1}, saving K snapshots D_1..D_K of its delta (its trajectory).
+  3. The merge searches M(c) = M_{t-1} + sum_k c_k D_k + c_h M_{t-1}, per-layer coefficients c, from the plain
+     sequential merge c_init (c_K = 1, others 0).
+  4. Adam on c minimises task alignment + prediction consistency on the old classes + a gradient-
+     responsiveness hinge (the logit Fisher trace 1 - |p|^2 must not collapse) + a trust region, on task t's data.
+  5. The snapshots are freed; M_t = M(c*) is all that is kept.
+
+Run:  python trm.py --tasks 10                 (--merge-steps 0 is the plain sequential merge)
+      python trm.py --dataset synthetic --tasks 10 --epochs 2 --batch-size 64      (CPU, offline)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import functional_call
+
+from ham import (CLArgs, Method, SplitData, UserError, ViT, arg, batches, lora_layers, main_guard, parse_args,
+                 run_continual, to_model_input)
+
+# ----------------------------------------------------------------------------------------------------------
+# The augmented trajectory subspace
+
+
+# reconstructed: the subspace (snapshots plus the previous merged delta) and its coefficients, PAPERS.md step 2.
+def trajectory_merge(prev: Tensor, directions: Tensor, c: Tensor) -> Tensor:
+    """M(c) = M_prev + sum_k c_k D_k + c_h M_prev for one layer.
+
+    prev: (d, k) the merged delta M_{t-1}; directions: (K, d, k) the snapshots D_1..D_K; c: (K + 1,) holds
+    c_1..c_K then c_h. At c_init = (0, ..., 0, 1, 0) every zero term adds exactly nothing, so the result is
+    bit-for-bit prev + D_K, the plain sequential merge.
+    """
+    K = directions.shape[0]
+    return prev + torch.tensordot(c[:K], directions, dims=1) + c[K] * prev
+
+
+def initial_coefficients(layers: int, snapshots: int, device: torch.device | None = None) -> Tensor:
+    """c_init, (layers, K + 1): c_K = 1 and every other coefficient 0 (the plain sequential merge)."""
+    c = torch.zeros(layers, snapshots + 1, device=device)
+    c[:, snapshots - 1] = 1.0
+    return c
+
+
+def snapshot_epochs(epochs: int, snapshots: int) -> list[int]:
+    """The K epochs (0-based) after which a snapshot is taken, evenly spread, always including the last."""
+    # reconstructed: PAPERS.md says 'e.g. one per epoch'; with fewer snapshots we spread them evenly.
+    return sorted({round((k + 1) * epochs / snapshots) - 1 for k in range(snapshots)})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The three objectives and the trust region (all on logits; T is the distillation temperature)
+# reconstructed: the abstract names the three objectives; these formulas are PAPERS.md's reading of them.
+
+
+def distill_kl(teacher: Tensor, student: Tensor, temperature: float) -> Tensor:
+    """T^2 KL(softmax(teacher / T) || softmax(student / T)), averaged over the batch."""
+    log_p = F.log_softmax(teacher / temperature, dim=-1)
+    log_q = F.log_softmax(student / temperature, dim=-1)
+    return temperature**2 * F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+
+
+def task_alignment(merged: Tensor, endpoint: Tensor, y: Tensor, temperature: float) -> Tensor:
+    """CE on the task's labels + T^2 KL(fine-tuned endpoint || merged), both on the task's classes' logits."""
+    return F.cross_entropy(merged, y) + distill_kl(endpoint, merged, temperature)
+
+
+def prediction_consistency(merged_old: Tensor, previous_old: Tensor, temperature: float) -> Tensor:
+    """T^2 KL(previous merged model || merged) on the old classes' logits; 0 when there are no old classes."""
+    if merged_old.shape[-1] == 0:
+        return merged_old.new_zeros(())
+    return distill_kl(previous_old, merged_old, temperature)
+
+
+def logit_fisher_trace(logits: Tensor) -> Tensor:
+    """Label-free Fisher trace at the logits, E_{y~p} |grad_z log p_y|^2 = 1 - |p|^2, averaged over the batch."""
+    p = logits.softmax(-1)
+    return (1 - (p * p).sum(-1)).mean()
+
+
+def gradient_responsiveness(merged: Tensor, previous: Tensor, rho: float) -> Tensor:
+    """Hinge max(0, rho * F(previous) - F(merged)): the merged model must keep its gradients alive."""
+    return F.relu(rho * logit_fisher_trace(previous).detach() - logit_fisher_trace(merged))
+
+
+def trust_region(c: Tensor, c_init: Tensor) -> Tensor:
+    return ((c - c_init) ** 2).sum()
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+# reconstructed: state W0 + M, fresh LoRA per task, snapshots, Adam on c over current-task batches (PAPERS.md).
+class TRM(Method):
+    """Trajectory Regularized Merging (PAPERS.md, TRM reference design, steps 1-4)."""
+
+    name = "trm"
+
+    def __init__(self, model: ViT, *, epochs: int, snapshots: int, merge_steps: int, merge_lr: float,
+                 lam_pc: float, lam_gr: float, rho: float, mu: float, temperature: float, batch_size: int,
+                 seed: int):
+        self.model = model
+        self.layers = lora_layers(model)
+        self.names = [n + ".base.weight" for n, m in model.named_modules() if m in self.layers]
+        self.w0 = [layer.base.weight.detach().clone() for layer in self.layers]
+        self.merged = [torch.zeros_like(w) for w in self.w0]  # M_{t-1} per layer, all that grows: nothing
+        self.snapshot_at = snapshot_epochs(epochs, snapshots)
+        self.steps, self.lr, self.batch_size, self.seed = merge_steps, merge_lr, batch_size, seed
+        self.lam_pc, self.lam_gr, self.rho, self.mu, self.temperature = lam_pc, lam_gr, rho, mu, temperature
+        self.trajectory: list[list[Tensor]] = []  # per snapshot, per layer: the delta D_k (freed after the merge)
+        self.trained: list[nn.Parameter] = []
+        self.first_grad_norm: Tensor | None = None
+
+    def begin_task(self, model: ViT, task: int) -> list[nn.Parameter]:
+        for layer in self.layers:
+            layer.reset_adapter_()  # a fresh LoRA on W0 + M_{t-1}
+        self.trajectory, self.first_grad_norm = [], None
+        self.trained = [*(p for layer in self.layers for p in (layer.A, layer.B)), *model.head.parameters()]
+        return self.trained
+
+    def after_backward(self, model: ViT) -> None:
+        if self.first_grad_norm is None:  # the first step of the task: is the merged model still trainable?
+            # Over every trained parameter: the new task's head rows start at zero, so at this first step no
+            # gradient reaches the LoRA factors yet; the head's gradient carries the merged features' signal.
+            norms = [torch.linalg.vector_norm(p.grad) for p in self.trained if p.grad is not None]
+            self.first_grad_norm = torch.linalg.vector_norm(torch.stack(norms))
+
+    def end_epoch(self, model: ViT, task: int, epoch: int) -> None:
+        if epoch in self.snapshot_at:
+            self.trajectory.append([layer.delta().detach().clone() for layer in self.layers])
+
+    def _logits(self, weights: Sequence[Tensor], x: Tensor, hi: int) -> Tensor:
+        """Logits of classes [0, hi) with every LoRA layer's base weight replaced, differentiably, by `weights`."""
+        return functional_call(self.model, dict(zip(self.names, weights)), (x,))[:, :hi].float()
+
+    def objectives(self, c: Tensor, x: Tensor, y: Tensor, task: int, data: SplitData, *,
+                   directions: list[Tensor], endpoint: Tensor, previous: Tensor) -> dict[str, Tensor]:
+        """The four terms at coefficients c (layers, K + 1) on one batch; endpoint/previous: their logits."""
+        lo, hi = data.task_range(task)
+        weights = [w0 + trajectory_merge(m, d, cl) for w0, m, d, cl in zip(self.w0, self.merged, directions, c)]
+        merged = self._logits(weights, x, hi)  # (B, hi)
+        return {
+            "alignment": task_alignment(merged[:, lo:hi], endpoint[:, lo:hi], y, self.temperature),
+            "consistency": prediction_consistency(merged[:, :lo], previous[:, :lo], self.temperature),
+            "responsiveness": gradient_responsiveness(merged, previous, self.rho),
+        }
+
+    def end_task(self, model: ViT, task: int, data: SplitData, log: Callable[[str], None]) -> dict:
+        K = len(self.trajectory)
+        directions = [torch.stack([snap[l] for snap in self.trajectory]) for l in range(len(self.layers))]  # (K, d, k)
+        for layer in self.layers:
+            layer.reset_adapter_()  # from here on the model's outputs come from its base weights alone
+        c_init = initial_coefficients(len(self.layers), K, device=self.w0[0].device)
+        c = nn.Parameter(c_init.clone())
+        opt = torch.optim.Adam([c], lr=self.lr)
+        amp = self.w0[0].device.type == "cuda"
+        gen = torch.Generator().manual_seed(self.seed * 1000 + task)
+        device_gen = torch.Generator(device=self.w0[0].device).manual_seed(self.seed * 1000 + task)
+        _, hi = data.task_range(task)
+        previous_w = [w0 + m for w0, m in zip(self.w0, self.merged)]  # the previous merged model, W0 + M_{t-1}
+        endpoint_w = [w + d[-1] for w, d in zip(previous_w, directions)]  # the fine-tuned endpoint
+        recorded, step = {}, 0
+        while step < self.steps:
+            for x, y in batches(data, task, batch_size=self.batch_size, gen=gen, device_gen=device_gen):
+                x = to_model_input(x, model.cfg.img_size)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                    with torch.no_grad():
+                        endpoint = self._logits(endpoint_w, x, hi)
+                        previous = self._logits(previous_w, x, hi)
+                    terms = self.objectives(c, x, y, task, data, directions=directions, endpoint=endpoint,
+                                            previous=previous)
+                terms["trust"] = trust_region(c, c_init)
+                loss = (terms["alignment"] + self.lam_pc * terms["consistency"]
+                        + self.lam_gr * terms["responsiveness"] + self.mu * terms["trust"])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if step == 0:
+                    recorded["start"] = {k: v.detach() for k, v in terms.items()}
+                recorded["end"] = {k: v.detach() for k, v in terms.items()}
+                step += 1
+                if step == self.steps:
+                    break
+        with torch.no_grad():
+            new = [trajectory_merge(m, d, cl) for m, d, cl in zip(self.merged, directions, c.detach())]
+            if not all(torch.isfinite(n).all() for n in new):
+                raise UserError(f"TRM's merged delta after task {task} is not finite; lower --merge-lr and rerun.")
+            self.merged = new
+            for layer, w0, m in zip(self.layers, self.w0, self.merged):
+                layer.base.weight.copy_(w0 + m)
+        self.trajectory = []  # step 4: only M_t is kept
+        info = {"coefficients": c.detach().tolist(), "snapshots": K,
+                "first_step_grad_norm": self.first_grad_norm.item() if self.first_grad_norm is not None else None}
+        if recorded:
+            start, end = ({k: v.item() for k, v in recorded[s].items()} for s in ("start", "end"))
+            info["objectives_start"], info["objectives_end"] = start, end
+            log("  TRM merge: " + "  ".join(f"{k} {start[k]:.4f}->{end[k]:.4f}" for k in start))
+        mean_c = c.detach().mean(0).tolist()
+        log(f"  TRM: mean coefficients (c_1..c_K, c_h) [{', '.join(f'{v:+.3f}' for v in mean_c)}]  "
+            f"first-step grad norm {info['first_step_grad_norm']:.4g}")
+        return info
+
+    def stored_tensors(self) -> list[Tensor]:
+        return [*self.w0, *self.merged]
+
+
+@dataclass
+class Args(CLArgs):
+    """TRM's flags on top of the shared protocol."""
+
+    # reconstructed: every default below is ours; the paper's values are not public.
+
+    snapshots: int = arg(0, "snapshots K of the task's LoRA delta, evenly spread over its epochs (0: one per epoch)")
+    merge_steps: int = arg(100, "Adam steps S on the merge coefficients; 0 is the plain sequential merge")
+    merge_lr: float = arg(0.01, "Adam learning rate of the merge coefficients")
+    lam_pc: float = arg(1.0, "weight of prediction consistency on the old classes")
+    lam_gr: float = arg(1.0, "weight of the gradient-responsiveness hinge")
+    rho: float = arg(0.5, "the merged model's logit Fisher trace must stay >= rho times the previous model's")
+    mu: float = arg(1.0, "trust-region weight mu |c - c_init|^2")
+    temperature: float = arg(2.0, "distillation temperature T of the two KL terms")
+
+    def problem(self) -> str | None:
+        if self.snapshots < 0 or self.snapshots > self.epochs:
+            return f"--snapshots must be between 0 (one per epoch) and --epochs ({self.epochs})."
+        if self.merge_steps < 0:
+            return "--merge-steps must be at least 0; 0 is the plain sequential merge."
+        for name in ("merge_lr", "temperature"):
+            if not getattr(self, name) > 0 or not math.isfinite(getattr(self, name)):
+                return f"--{name.replace('_', '-')} must be a positive number."
+        for name in ("lam_pc", "lam_gr", "rho", "mu"):
+            if not getattr(self, name) >= 0 or not math.isfinite(getattr(self, name)):
+                return f"--{name.replace('_', '-')} must be a non-negative number."
+        return super().problem()
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(Args, argv, description=__doc__)
+    make = lambda model, a: TRM(model, epochs=a.epochs, snapshots=a.snapshots or a.epochs, merge_steps=a.merge_steps,
+                                merge_lr=a.merge_lr, lam_pc=a.lam_pc, lam_gr=a.lam_gr, rho=a.rho, mu=a.mu,
+                                temperature=a.temperature, batch_size=a.batch_size, seed=a.seed)
+    return run_continual(args, make, "trm")
+
+
+if __name__ == "__main__":
+    main_guard(main)
