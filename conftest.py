@@ -39,6 +39,15 @@ def write_cifar100_pickles(root: Path, train_per_class: int = 6, test_per_class:
 
 
 @pytest.fixture
-def cifar_root(tmp_path: Path) -> Path:
-    write_cifar100_pickles(tmp_path / "data")
-    return tmp_path / "data"
+def usage_error(capsys):
+    """Parse argv with a script's Args; assert exit code 2 and no traceback; return the error's last line."""
+    from ham import parse_args
+
+    def run(args_cls: type, argv: list[str]) -> str:
+        with pytest.raises(SystemExit) as e:
+            parse_args(args_cls, argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "Traceback" not in err
+        return err.strip().splitlines()[-1]
+
+    return run

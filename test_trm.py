@@ -118,10 +118,8 @@ def test_snapshot_epochs(epochs, K, want):
     (["--temperature", "0"], "--temperature must be a positive number"),
     (["--merge-lr", "inf"], "--merge-lr must be a positive number"),
 ])
-def test_bad_flags(argv, message, capsys):
-    with pytest.raises(SystemExit) as e:
-        trm.parse_args(trm.Args, argv)
-    assert e.value.code == 2 and message in capsys.readouterr().err.strip().splitlines()[-1]
+def test_bad_flags(argv, message, usage_error):
+    assert message in usage_error(trm.Args, argv)
 
 
 TINY = ["--dataset", "synthetic", "--backbone", "vit_nano", "--batch-size", "32"]
