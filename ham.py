@@ -76,7 +76,8 @@ class CLArgs:
     batch_size: int = arg(192, "training batch size")
     lr: float = arg(5e-3, "Adam learning rate (constant)")
     device: str = arg("auto", "auto (CUDA when available), cpu, cuda or cuda:N")
-    out: str = arg("", "run folder for results.json and log.txt (default: runs/<method>)")
+    out: str = arg("", "run folder for results.json, log.txt and checkpoint.pt (default: runs/<method>)")
+    resume: bool = arg(False, "continue the run in --out from its last finished task (same settings required)")
 
     def __post_init__(self):
         if self.backbone == "auto":
@@ -108,13 +109,20 @@ class CLArgs:
                 return f"--device {self.device}: no such CUDA device here; use --device cpu."
             if device.type not in ("cpu", "cuda"):
                 return f"--device {self.device} is not supported; use auto, cpu or cuda."
-        if self.out:
-            existing = Path(self.out).absolute()
-            while not existing.exists():
-                existing = existing.parent
-            if not existing.is_dir() or not os.access(existing, os.W_OK):
-                return f"--out {self.out} cannot be written; choose a folder you can write to."
+        if self.out and not _writable(Path(self.out)):
+            return f"--out {self.out} cannot be written; choose a folder you can write to."
+        if (self.dataset == "cifar100" and not (Path(self.data_root) / "cifar-100-python").is_dir()
+                and not _writable(Path(self.data_root))):
+            return f"--data-root {self.data_root} holds no cifar-100-python/ and cannot be written to download it."
         return None
+
+
+def _writable(path: Path) -> bool:
+    """Whether `path` is, or could be created as, a folder we can write to."""
+    existing = path.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    return existing.is_dir() and os.access(existing, os.W_OK)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -128,7 +136,10 @@ def parse_args(cls: type, argv: Sequence[str] | None = None, description: str = 
         kw = {"default": f.default, "help": f.metadata["help"]}
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
-        kw["type"] = type(f.default)
+        if isinstance(f.default, bool):
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = type(f.default)
         parser.add_argument("--" + f.name.replace("_", "-"), **kw)
     args = cls(**vars(parser.parse_args(argv)))
     problem = args.problem()
@@ -671,6 +682,13 @@ class Method:
         """Method state worth recording in results.json."""
         return {}
 
+    def state_dict(self) -> dict:
+        """What the method keeps between tasks, for the checkpoint (tensors, lists, numbers only)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore state_dict()'s output, after __init__ on the freshly built model."""
+
 
 class HAM(Method):
     """Hierarchical Adapter Merging (PAPERS.md, HAM reference design, steps 1-5)."""
@@ -724,6 +742,18 @@ class HAM(Method):
 
     def summary(self) -> dict:
         return {"groups": [grp.members for grp in self.groups]}
+
+    def state_dict(self) -> dict:  # W0 is not saved: __init__ reads it from the rebuilt backbone
+        return {"groups": [{"members": g.members, "weighted_sum": g.weighted_sum, "weight": g.weight}
+                           for g in self.groups]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.groups = []
+        for saved in state["groups"]:
+            group = GroupMerge(self.merge)
+            group.members, group.weight = list(saved["members"]), saved["weight"]
+            group.weighted_sum = [t.to(self.w0[0].device) for t in saved["weighted_sum"]]
+            self.groups.append(group)
 
 
 def batches(data: SplitData, task: int, *, batch_size: int, gen: torch.Generator,
@@ -779,6 +809,7 @@ def train_task(model: ViT, method: Method, data: SplitData, task: int, args: CLA
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=data.train_x.device)  # summed on the device: no per-step sync
         hits = torch.zeros((), dtype=torch.int64, device=data.train_x.device)
+        first_bad = torch.full((), -1, dtype=torch.int64, device=data.train_x.device)  # first non-finite step
         seen = 0
         for step, (x, y) in enumerate(batches(data, task, batch_size=args.batch_size, gen=gen,
                                               device_gen=device_gen)):
@@ -794,10 +825,13 @@ def train_task(model: ViT, method: Method, data: SplitData, task: int, args: CLA
             method.after_step(model)
             loss_sum += loss.detach() * len(y)
             hits += (logits.argmax(1) == y).sum()
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
             seen += len(y)
         mean_loss = loss_sum.item() / seen  # one host sync per epoch
         if not math.isfinite(mean_loss):
-            raise UserError(f"the loss became non-finite in task {task}, epoch {epoch + 1}; lower --lr and rerun.")
+            raise UserError(f"the loss became non-finite at task {task + 1}, epoch {epoch + 1}, step "
+                            f"{first_bad.item() + 1}; checkpoint.pt keeps the last finished task, and a lower "
+                            "--lr may help.")
         method.end_epoch(model, task, epoch)
         dt = time.perf_counter() - t0
         clock["epochs_done"] += 1
@@ -842,24 +876,76 @@ def peak_memory(device: torch.device) -> dict:
     return out
 
 
-def run_continual(args: CLArgs, make_method: Callable[[ViT, CLArgs], Method], name: str) -> dict:
-    """The whole experiment: data, backbone, T tasks of training + consolidation + evaluation, results.json.
+CHECKPOINT = "checkpoint.pt"
+# Every other setting must match the checkpoint's. --batch-size may change so that an out-of-memory run can go
+# on with a smaller batch (the result then differs from an uninterrupted run).
+FREE_ON_RESUME = ("out", "resume", "data_root", "device", "batch_size")
 
-    results.json is rewritten after every task (finished: false until the end), so a crash loses nothing
-    already measured.
+
+def mutable_state(model: ViT) -> dict[str, Tensor]:
+    """What training changes: every LoRA layer (its base weight too: HAM and TRM fold into it) and the head.
+
+    The rest of the backbone is frozen and is rebuilt from its source (seeded init or weights file) on resume.
+    """
+    prefixes = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, LoRALinear)) + ("head.",)
+    return {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
+
+
+def save_checkpoint_atomic(path: Path, state: dict) -> None:
+    """torch.save to a temporary file in the same folder, flushed to disk, then renamed over the old one:
+    a crash at any moment leaves either the old or the new checkpoint, never a broken one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, args: CLArgs, name: str, device: torch.device) -> dict:
+    """Read a checkpoint with weights_only=True and refuse one made by another method or other settings."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        saved = state["config"]
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it to start afresh "
+                        "or choose another --out.") from None
+    if state.get("method") != name:
+        raise UserError(f"{path} is a checkpoint of {state.get('method')}, not {name}; choose another --out.")
+    for key, value in asdict(args).items():
+        if key not in FREE_ON_RESUME and saved.get(key) != value:
+            raise UserError(f"{path} was made with --{key.replace('_', '-')} {saved.get(key)}, not {value}; "
+                            "resume with the same settings or choose another --out.")
+    if state["device_type"] != device.type:
+        raise UserError(f"{path} was made on {state['device_type']}, not {device.type}; resume on the same kind "
+                        "of device.")
+    return state
+
+
+def run_continual(args: CLArgs, make_method: Callable[[ViT, CLArgs], Method], name: str) -> dict:
+    """The whole experiment: data, backbone, T tasks of training + consolidation + evaluation.
+
+    After every task, results.json and checkpoint.pt are rewritten atomically, so a crash loses at most the
+    task in progress; --resume continues from the checkpoint and ends bit-for-bit where an uninterrupted run
+    ends (on the CPU).
     """
     out = Path(args.out or f"runs/{name}")
+    ckpt = out / CHECKPOINT
+    if ckpt.exists() and not args.resume:
+        raise UserError(f"{out} already holds a checkpoint; pass --resume to continue that run, or choose "
+                        "another --out.")
+    device = resolve_device(args.device)
+    state = load_checkpoint(ckpt, args, name, device) if args.resume and ckpt.exists() else None
     synthetic = args.dataset == "synthetic"
     log = make_logger(out, "[synthetic data] " if synthetic else "")
     seed_everything(args.seed)
-    device = resolve_device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
 
     order = class_order(args.class_seed)
-    raw = make_synthetic(args.seed) if synthetic else load_cifar100(args.data_root)
+    raw = make_synthetic(args.seed, args.train_per_class or 100) if synthetic else load_cifar100(args.data_root)
     data = split_data(raw, order=order, tasks=args.tasks, train_per_class=args.train_per_class, device=device)
     model = ViT(BACKBONES[args.backbone])
     source = load_backbone_weights_(model, args.weights, args.backbone)
@@ -874,38 +960,67 @@ def run_continual(args: CLArgs, make_method: Callable[[ViT, CLArgs], Method], na
 
     gen = torch.Generator().manual_seed(args.seed)  # batch order
     device_gen = torch.Generator(device=device).manual_seed(args.seed + 1)  # augmentation
-    clock = {"start": time.perf_counter(), "epochs_done": 0, "epochs_total": args.tasks * args.epochs}
     acc: list[list[float | None]] = []
     per_task: list[dict] = []
-    results: dict = {}
-    for task in range(args.tasks):
-        trainable = train_task(model, method, data, task, args, gen=gen, device_gen=device_gen, clock=clock, log=log)
-        t0 = time.perf_counter()
-        info = method.end_task(model, task, data, log)
-        info["consolidate_seconds"] = time.perf_counter() - t0
-        stored = method.stored_tensors()
-        info["stored_tensors"], info["stored_params"] = len(stored), sum(t.numel() for t in stored)
-        per_task.append(info)
-        row = evaluate(model, data, task + 1, batch_size=2 * args.batch_size, amp=device.type == "cuda")
-        acc.append(row + [None] * (args.tasks - task - 1))
-        A_t = cl_metrics([r[: task + 1] for r in acc[: task + 1]])["A_t"][-1]
-        log(f"task {task + 1}/{args.tasks} done: A_t {A_t:.2f}%  per task [{', '.join(f'{a:.1f}' for a in row)}]")
-        finished = task == args.tasks - 1
-        results = {
-            "method": name, "finished": finished, "synthetic_data": synthetic,
+    trainable, earlier_seconds = 0, 0.0
+    if state is not None:
+        model.load_state_dict(state["model"], strict=False)
+        method.load_state_dict(state["method_state"])
+        torch.set_rng_state(state["rng"]["torch"])
+        gen.set_state(state["rng"]["batches"])
+        device_gen.set_state(state["rng"]["augment"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        acc, per_task, trainable = state["accuracy_matrix"], state["tasks"], state["trainable_params"]
+        earlier_seconds = state["wall_seconds"]
+        log(f"resumed from {ckpt}: {len(acc)} of {args.tasks} tasks already done")
+    clock = {"start": time.perf_counter(), "epochs_done": 0, "epochs_total": (args.tasks - len(acc)) * args.epochs}
+
+    def results() -> dict:
+        seen = len(acc)
+        return {
+            "method": name, "finished": seen == args.tasks, "synthetic_data": synthetic,
             "config": asdict(args), "class_order": order, "class_names": data.class_names,
             "backbone_weights": source, "accuracy_matrix": acc,
-            "metrics": cl_metrics([r[: task + 1] for r in acc[: task + 1]]),
-            "tasks": per_task, "wall_seconds": time.perf_counter() - start, **peak_memory(device),
+            "metrics": cl_metrics([r[:seen] for r in acc]),
+            "tasks": per_task, "wall_seconds": earlier_seconds + time.perf_counter() - start, **peak_memory(device),
             "trainable_params": trainable,
             "stored_params": sum(t.numel() for t in method.stored_tensors()),
             **method.summary(),
         }
-        write_json_atomic(out / "results.json", results)
-    m = results["metrics"]
-    log(f"done in {format_seconds(results['wall_seconds'])}: A_last {m['A_last']:.2f}%  A_avg {m['A_avg']:.2f}%  "
+
+    try:
+        for task in range(len(acc), args.tasks):
+            trainable = train_task(model, method, data, task, args, gen=gen, device_gen=device_gen, clock=clock,
+                                   log=log)
+            t0 = time.perf_counter()
+            info = method.end_task(model, task, data, log)
+            info["consolidate_seconds"] = time.perf_counter() - t0
+            stored = method.stored_tensors()
+            info["stored_tensors"], info["stored_params"] = len(stored), sum(t.numel() for t in stored)
+            per_task.append(info)
+            row = evaluate(model, data, task + 1, batch_size=2 * args.batch_size, amp=device.type == "cuda")
+            acc.append(row + [None] * (args.tasks - task - 1))
+            A_t = cl_metrics([r[: task + 1] for r in acc])["A_t"][-1]
+            log(f"task {task + 1}/{args.tasks} done: A_t {A_t:.2f}%  per task [{', '.join(f'{a:.1f}' for a in row)}]")
+            rng = {"torch": torch.get_rng_state(), "batches": gen.get_state(), "augment": device_gen.get_state()}
+            if device.type == "cuda":
+                rng["cuda"] = torch.cuda.get_rng_state(device)
+            save_checkpoint_atomic(ckpt, {
+                "method": name, "config": asdict(args), "device_type": device.type,
+                "model": mutable_state(model), "method_state": method.state_dict(), "rng": rng,
+                "accuracy_matrix": acc, "tasks": per_task, "trainable_params": trainable,
+                "wall_seconds": earlier_seconds + time.perf_counter() - start})
+            write_json_atomic(out / "results.json", results())
+    except torch.OutOfMemoryError:
+        raise UserError(f"the GPU ran out of memory at --batch-size {args.batch_size}; try --batch-size "
+                        f"{max(1, args.batch_size // 2)} with --resume.") from None
+    final = results()
+    write_json_atomic(out / "results.json", final)
+    m = final["metrics"]
+    log(f"done in {format_seconds(final['wall_seconds'])}: A_last {m['A_last']:.2f}%  A_avg {m['A_avg']:.2f}%  "
         f"forgetting {m['forgetting']:.2f}  BWT {m['BWT']:.2f}  -> {out / 'results.json'}")
-    return results
+    return final
 
 
 def main_guard(main: Callable[[], object]) -> None:

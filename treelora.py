@@ -251,8 +251,7 @@ class TreeLoRA(Method):
         self.drifts = [torch.cat([old, d]) for old, d in zip(self.drifts, drift)] if self.drifts else drift
         self.g = [torch.cat([g, m[None]]) for g, m in zip(self.g, mean_a)] if self.g else [m[None] for m in mean_a]
         self.previous = mean_a
-        self.tree = build_kdtree([d.cpu() for d in self.drifts])
-        self.search = LCBTreeSearch(self.tree, len(self.layers), c=self.c, device=mean_a[0].device)
+        self._rebuild_tree()
         info = {"tree_height": self.tree.height}
         if self.chosen is not None:
             info["selections"] = self.chosen.T.tolist()  # per layer, how often each past task was chosen
@@ -260,8 +259,21 @@ class TreeLoRA(Method):
             log(f"  TreeLoRA: most chosen past task per layer {top}; tree of {task + 1} tasks, height {self.tree.height}")
         return info
 
+    def _rebuild_tree(self) -> None:
+        self.tree = build_kdtree([d.cpu() for d in self.drifts])
+        self.search = LCBTreeSearch(self.tree, len(self.layers), c=self.c, device=self.g[0].device)
+
     def stored_tensors(self) -> list[Tensor]:
         return [*self.g, *self.drifts]
+
+    def state_dict(self) -> dict:
+        return {"g": self.g, "drifts": self.drifts, "previous": self.previous}
+
+    def load_state_dict(self, state: dict) -> None:
+        device = self.layers[0].A.device
+        self.g, self.drifts, self.previous = ([t.to(device) for t in state[k]] for k in ("g", "drifts", "previous"))
+        if self.g:
+            self._rebuild_tree()
 
     def summary(self) -> dict:
         return {"tree": self.tree.node_tasks if self.tree else []}

@@ -214,6 +214,12 @@ class TRM(Method):
     def stored_tensors(self) -> list[Tensor]:
         return [*self.w0, *self.merged]
 
+    def state_dict(self) -> dict:  # W0 is not saved: __init__ reads it from the rebuilt backbone
+        return {"merged": self.merged}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.merged = [t.to(self.w0[0].device) for t in state["merged"]]
+
 
 @dataclass
 class Args(CLArgs):
