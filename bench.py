@@ -1,18 +1,201 @@
-"""Benchmarks (not tests): numbers for the README, each printed with the command and machine that made it.
+"""Benchmarks (not tests): the methods side by side, and speed against the machine's measured limit.
 
-    python bench.py --search            TreeLoRA's bandit search: time per training step against stored tasks
+    python bench.py --preset cpu     HAM, TreeLoRA, TRM and three baselines on synthetic data, 10 and 20 tasks
+    python bench.py --preset gpu     the same with ViT-B/16 on CIFAR-100 (downloads data and weights)
+    python bench.py --speed          FLOP/s peak, training step and MFU, torchvision ratios, growth with tasks
+    python bench.py --search         TreeLoRA's bandit search per step (also part of --speed)
 
-A benchmark asserts nothing; the tests check correctness, this file measures.
+Every table is printed with the command, machine and date that produced it, and saved with the raw numbers
+under --out (default bench_results/). A benchmark asserts nothing: the tests check correctness.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import datetime
+import io
+import json
+import multiprocessing
 import platform
+import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
+import ham
+import treelora
+import trm
+from ham import BACKBONES, HAM, ViT, ViTConfig, add_lora_, lora_layers, strip_lora_
 from treelora import LCBTreeSearch, build_kdtree, l1_pull
+
+# ----------------------------------------------------------------------------------------------------------
+# Method comparison
+
+PRESETS = {
+    # about 15 minutes on 2 CPU cores for both task counts; synthetic data, randomly initialised small ViT
+    "cpu": dict(dataset="synthetic", backbone="vit_nano", epochs=3, batch_size=32, train_per_class=40,
+                tasks=(10, 20), merge_steps=20, timing_seconds=2.0),
+    # the papers' protocol: ViT-B/16 ImageNet weights, CIFAR-100, 20 epochs, batch 192
+    "gpu": dict(dataset="cifar100", backbone="vit_b_16", epochs=20, batch_size=192, train_per_class=0,
+                tasks=(10, 20), merge_steps=100, timing_seconds=2.0),
+    # the smoke test's budget
+    "tiny": dict(dataset="synthetic", backbone="vit_nano", epochs=1, batch_size=32, train_per_class=4,
+                 tasks=(4,), merge_steps=2, timing_seconds=0.05),
+}
+
+# label -> (script, extra flags); {tasks} is filled in
+METHODS = {
+    "HAM": ("ham", []),
+    "TreeLoRA": ("treelora", []),
+    "TRM": ("trm", ["--merge-steps", "{merge_steps}"]),
+    "SeqLoRA": ("treelora", ["--lam", "0", "--grad-density", "1"]),
+    "HAM, no merging": ("ham", ["--groups", "{tasks}"]),
+    "Joint LoRA (upper bound)": ("joint", []),
+}
+SCRIPTS = {"ham": ham, "treelora": treelora, "trm": trm}
+
+
+def run_method(script: str, argv: list[str]) -> None:
+    """A child process: one run, its output in the run folder's log.txt only.
+
+    'joint' trains one LoRA (SeqLoRA's) on all 100 classes as a single task with the same epoch budget.
+    """
+    with contextlib.redirect_stdout(io.StringIO()):
+        if script == "joint":
+            args = ham.parse_args(treelora.Args, argv)  # validated like any run, then made one task
+            args = dataclasses.replace(args, tasks=1, lam=0.0, grad_density=1.0)
+            ham.run_continual(args, treelora.make_method, "joint")
+        else:
+            SCRIPTS[script].main(argv)
+
+
+def final_model(out: Path, config: dict) -> ViT:
+    """The deployable model of a finished run: rebuilt from its checkpoint, every LoRA folded and removed."""
+    ham.seed_everything(config["seed"])  # the frozen backbone's random initialisation, as in the run
+    model = ViT(BACKBONES[config["backbone"]])
+    ham.load_backbone_weights_(model, config["weights"], config["backbone"])
+    add_lora_(model, config["targets"].split(","), config["rank"], config["lora_alpha"])
+    model.load_state_dict(torch.load(out / ham.CHECKPOINT, weights_only=True)["model"], strict=False)
+    for layer in lora_layers(model):
+        layer.fold_()
+    return strip_lora_(model).eval()
+
+
+@torch.no_grad()
+def inference_images_per_second(model: torch.nn.Module, device: torch.device, batch: int, seconds: float,
+                                img_size: int) -> float:
+    model = model.to(device)
+    x = torch.randn(batch, 3, img_size, img_size, device=device)
+    amp = device.type == "cuda"
+
+    def forward():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            model(x)
+
+    return batch / time_per_call(forward, device, seconds)
+
+
+def compare_methods(preset: str, seeds: int, out: Path, device: str) -> dict:
+    p = PRESETS[preset]
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["ham", "treelora", "trm", "bench"])
+    rows, curves = [], {}
+    for tasks in p["tasks"]:
+        for label, (script, extra) in METHODS.items():
+            runs = []
+            for seed in range(seeds):
+                slug = "".join(ch if ch.isalnum() else "_" for ch in label.lower())
+                folder = out / f"T{tasks}" / slug / f"seed{seed}"
+                argv = ["--dataset", p["dataset"], "--backbone", p["backbone"], "--epochs", str(p["epochs"]),
+                        "--batch-size", str(p["batch_size"]), "--train-per-class", str(p["train_per_class"]),
+                        "--tasks", str(tasks), "--seed", str(seed), "--device", device, "--out", str(folder),
+                        *(a.format(tasks=tasks, merge_steps=p["merge_steps"]) for a in extra)]
+                if (folder / ham.CHECKPOINT).exists():
+                    argv.append("--resume")  # a finished run is read back, an interrupted one goes on
+                child = ctx.Process(target=run_method, args=(script, argv))
+                child.start()
+                child.join()
+                if child.exitcode != 0:
+                    sys.exit(f"bench: {label} with {tasks} tasks failed (exit {child.exitcode}); see {folder}/log.txt")
+                r = json.loads((folder / "results.json").read_text())
+                model = final_model(folder, r["config"])
+                r["inference_images_per_second"] = inference_images_per_second(
+                    model, torch.device(device), batch=2 * p["batch_size"], seconds=p["timing_seconds"],
+                    img_size=model.cfg.img_size)
+                runs.append(r)
+                m = r["metrics"]
+                print(f"  {label:26s} T={tasks:<3d} seed {seed}: A_last {m['A_last']:6.2f}  forgetting "
+                      f"{m['forgetting']:6.2f}  {r['train_seconds']:7.1f}s", flush=True)
+            rows.append(summarise(label, tasks, runs))
+            curves[f"{label}|{tasks}"] = [statistics.mean(r["metrics"]["A_t"][t] for r in runs)
+                                          for t in range(len(runs[0]["metrics"]["A_t"]))]
+    return {"rows": rows, "curves": curves}
+
+
+def summarise(label: str, tasks: int, runs: list[dict]) -> dict:
+    def stat(values: list[float]) -> tuple[float, float]:
+        return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+    joint = label.startswith("Joint")
+    mem_key = "peak_cuda_allocated_bytes" if "peak_cuda_allocated_bytes" in runs[0] else "peak_host_rss_bytes"
+    return {
+        "method": label, "tasks": tasks, "seeds": len(runs),
+        "A_last": stat([r["metrics"]["A_last"] for r in runs]),
+        "A_avg": stat([r["metrics"]["A_avg"] for r in runs]) if not joint else None,
+        "forgetting": stat([r["metrics"]["forgetting"] for r in runs]) if not joint else None,
+        "BWT": stat([r["metrics"]["BWT"] for r in runs]) if not joint else None,
+        "train_seconds": stat([r["train_seconds"] for r in runs]),
+        "peak_memory_MiB": stat([r[mem_key] / 2**20 for r in runs]), "memory_kind": mem_key,
+        "stored_params": runs[0]["stored_params"],
+        "inference_images_per_second": stat([r["inference_images_per_second"] for r in runs]),
+    }
+
+
+def markdown_table(rows: list[dict]) -> str:
+    def cell(v, digits=2):
+        if v is None:
+            return "–"
+        mean, std = v
+        return f"{mean:.{digits}f} ± {std:.{digits}f}" if std else f"{mean:.{digits}f}"
+
+    lines = ["| method | tasks | A_last | A_avg | forgetting | BWT | train s | peak MiB | stored params | inference img/s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['tasks']} | {cell(r['A_last'])} | {cell(r['A_avg'])} | "
+                     f"{cell(r['forgetting'])} | {cell(r['BWT'])} | {cell(r['train_seconds'], 1)} | "
+                     f"{cell(r['peak_memory_MiB'], 0)} | {r['stored_params']:,} | "
+                     f"{cell(r['inference_images_per_second'], 0)} |")
+    return "\n".join(lines)
+
+
+def plot_curves(curves: dict, path: Path) -> str:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed, so no plot was drawn (pip install matplotlib to get one)."
+    task_counts = sorted({int(k.split("|")[1]) for k in curves})
+    fig, axes = plt.subplots(1, len(task_counts), figsize=(6 * len(task_counts), 4), squeeze=False)
+    for ax, T in zip(axes[0], task_counts):
+        for key, values in curves.items():
+            label, tasks = key.split("|")
+            if int(tasks) == T:
+                xs = range(1, len(values) + 1) if len(values) > 1 else [T]
+                ax.plot(xs, values, marker="o" if len(values) == 1 else None, label=label)
+        ax.set(title=f"{T} tasks", xlabel="task", ylabel="A_t (%)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return f"plot: {path}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Speed against the limit
 
 
 def sync(device: torch.device) -> None:
@@ -20,13 +203,156 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def time_per_call(fn, device: torch.device, seconds: float, warmup: int = 2) -> float:
+    """Warm up, then call fn (synchronised) for at least `seconds` and 3 calls; the mean seconds per call."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    calls, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        calls += 1
+        sync(device)
+        elapsed = time.perf_counter() - t0
+        if elapsed >= seconds and calls >= 3:
+            return elapsed / calls
+
+
+def peak_matmul_flops(device: torch.device, dtype: torch.dtype, seconds: float) -> float:
+    """The machine's measured peak: FLOP/s of a large square matrix multiply in the training dtype."""
+    n = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / time_per_call(lambda: a @ b, device, seconds)
+
+
+def vit_forward_flops(cfg: ViTConfig, rank: int = 0, targets: int = 0) -> float:
+    """Analytic FLOPs of one image's forward pass (multiply-add = 2 FLOPs), LoRA branches included."""
+    N, D, M = (cfg.img_size // cfg.patch) ** 2 + 1, cfg.dim, cfg.mlp_dim
+    block = 2 * N * D * 3 * D + 2 * 2 * N * N * D + 2 * N * D * D + 2 * 2 * N * D * M  # qkv, QK^T and AV, proj, MLP
+    lora = targets and 2 * N * rank * (D + 3 * D)  # qkv's A (D -> r) and B (r -> 3D), per block
+    patch = 2 * (N - 1) * 3 * cfg.patch**2 * D
+    return patch + cfg.depth * (block + lora)
+
+
+def torchvision_twin(cfg: ViTConfig):
+    import torchvision
+    return torchvision.models.VisionTransformer(image_size=cfg.img_size, patch_size=cfg.patch, num_layers=cfg.depth,
+                                                num_heads=cfg.heads, hidden_dim=cfg.dim, mlp_dim=cfg.mlp_dim,
+                                                num_classes=ham.NUM_CLASSES)
+
+
+def training_step_fn(model, params, x: torch.Tensor, y: torch.Tensor, amp: bool):
+    opt = torch.optim.Adam(params, lr=1e-4)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            loss = F.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def speed(device: torch.device, backbone: str, batch: int, seconds: float = 2.0) -> dict:
+    """Images/s and MFU of our LoRA step and torchvision's full fine-tuning step, forwards, HAM after folding."""
+    cfg = BACKBONES[backbone]
+    amp = device.type == "cuda"
+    dtype = torch.bfloat16 if amp else torch.float32
+    peak = peak_matmul_flops(device, dtype, seconds)
+    x = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device)
+    y = torch.randint(0, ham.NUM_CLASSES, (batch,), device=device)
+    out = {"peak_flops": peak, "dtype": str(dtype), "backbone": backbone, "batch": batch}
+
+    torch.manual_seed(0)
+    ours = ViT(cfg).to(device)
+    add_lora_(ours, ["qkv"], rank=8, lora_alpha=8.0)
+    ours.to(device)
+    step = training_step_fn(ours, [p for p in ours.parameters() if p.requires_grad], x, y, amp)
+    t = time_per_call(step, device, seconds)
+    # frozen backbone: the backward pass computes activation gradients (one forward's worth) but no weight
+    # gradients except LoRA's and the head's, so a step is about 2 forwards; full fine-tuning is about 3.
+    step_flops = 2 * batch * vit_forward_flops(cfg, rank=8, targets=1)
+    out["lora_step"] = {"images_per_second": batch / t, "mfu": step_flops / t / peak}
+
+    tv = torchvision_twin(cfg).to(device)
+    t_full = time_per_call(training_step_fn(tv, list(tv.parameters()), x, y, amp), device, seconds)
+    out["torchvision_full_step"] = {"images_per_second": batch / t_full,
+                                    "mfu": 3 * batch * vit_forward_flops(cfg) / t_full / peak}
+    out["lora_step_vs_torchvision_full_step"] = t_full / t
+
+    tv.eval()
+    plain = ViT(cfg).to(device).eval()
+    fwd = {name: inference_images_per_second(model, device, batch, seconds, cfg.img_size)
+           for name, model in (("ours", plain), ("torchvision", tv))}
+    out["forward_images_per_second"] = fwd
+    out["forward_ours_vs_torchvision"] = fwd["ours"] / fwd["torchvision"]
+
+    # HAM after folding its groups: the adapters are empty and removed, so the model is the backbone's shape
+    torch.manual_seed(0)
+    folded = ViT(cfg)
+    add_lora_(folded, ["qkv"], rank=8, lora_alpha=8.0)
+    h = HAM(folded, tasks=5, density=0.2, groups=5, threshold=0.3, merge="mean")
+    for task in range(5):
+        h.begin_task(folded, task)
+        for layer in h.layers:
+            torch.nn.init.normal_(layer.B, std=0.01)
+        h.end_task(folded, task, None, lambda line: None)
+    strip_lora_(folded)
+    out["ham_folded_inference_vs_backbone"] = (inference_images_per_second(folded, device, batch, seconds, cfg.img_size)
+                                               / fwd["ours"])
+    return out
+
+
+def growth(device: torch.device, backbone: str, task_counts=(5, 10, 20, 50)) -> list[dict]:
+    """Per number of tasks: HAM's stored bytes and merge time, TreeLoRA's search time per step and stored bytes,
+    TRM's stored bytes. The merges are fed random adapters: no training, only the consolidation's cost."""
+    cfg = BACKBONES[backbone]
+    data = ham.split_data(ham.make_synthetic(0, 1, 1), order=ham.class_order(1993), tasks=50, train_per_class=1,
+                          device=device)
+    nbytes = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)
+    quiet = lambda line: None
+    rows = []
+    for T in task_counts:
+        torch.manual_seed(0)
+        model = ViT(cfg)
+        add_lora_(model, ["qkv"], rank=8, lora_alpha=8.0)
+        model.to(device)
+        h = HAM(model, tasks=T, density=0.2, groups=5, threshold=0.3, merge="mean")
+        merge_s = []
+        for task in range(T):
+            h.begin_task(model, task)
+            for layer in h.layers:
+                torch.nn.init.normal_(layer.B, std=0.01)
+            sync(device)
+            t0 = time.perf_counter()
+            h.end_task(model, task, None, quiet)
+            sync(device)
+            merge_s.append(time.perf_counter() - t0)
+        m = trm.TRM(model, epochs=1, snapshots=1, merge_steps=0, merge_lr=0.01, lam_pc=1, lam_gr=1, rho=0.5, mu=1,
+                    temperature=2, batch_size=8, seed=0)
+        for task in range(T):
+            m.begin_task(model, task)
+            for layer in m.layers:
+                torch.nn.init.normal_(layer.B, std=0.01)
+            m.end_epoch(model, task, 0)
+            m.end_task(model, task, data, quiet)
+        layers = len(lora_layers(model))
+        d, k = lora_layers(model)[0].A.shape
+        search_s, _ = search_seconds_per_step(T, layers=layers, rank=d, dim=k, steps=100, device=device)
+        rows.append({"tasks": T, "ham_stored_bytes": nbytes(h.stored_tensors()),
+                     "ham_last_merge_seconds": merge_s[-1],
+                     "treelora_search_ms_per_step": 1e3 * search_s,
+                     "treelora_stored_bytes": 2 * T * layers * d * k * 4,  # g and drift per task and layer, fp32
+                     "trm_stored_bytes": nbytes(m.stored_tensors())})
+    return rows
+
+
 def search_seconds_per_step(tasks: int, *, layers: int, rank: int, dim: int, steps: int,
                             device: torch.device, seed: int = 0) -> tuple[float, int]:
     """Seconds per training step spent choosing each layer's past task and scoring it (select, L1, update),
-    and the height of the tree searched.
-
-    The stored vectors have ViT-B/16's qkv LoRA-A shape (rank x dim) for each of `layers` layers.
-    """
+    and the height of the tree searched."""
     g = torch.Generator().manual_seed(seed)
     drifts = [torch.randn(tasks, rank * dim, generator=g) for _ in range(layers)]
     stored = [torch.randn(tasks, rank, dim, generator=g).to(device) for _ in range(layers)]
@@ -51,24 +377,81 @@ def search_seconds_per_step(tasks: int, *, layers: int, rank: int, dim: int, ste
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads"
+    name = platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    return f"{name}, {torch.get_num_threads()} CPU threads"
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--search", action="store_true", help="time TreeLoRA's search per step")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="compare the methods with this budget")
+    parser.add_argument("--seeds", type=int, default=1, help="repeat each run over seeds 0..N-1 (mean ± std)")
+    parser.add_argument("--speed", action="store_true", help="speed against the machine's limit")
+    parser.add_argument("--search", action="store_true", help="TreeLoRA's search time per step only")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--steps", type=int, default=300, help="timed steps per measurement")
+    parser.add_argument("--out", default="bench_results", help="folder for the runs, tables and JSON")
     args = parser.parse_args()
-    if not args.search:
-        parser.error("choose a benchmark, e.g. --search.")
+    if not (args.preset or args.speed or args.search):
+        parser.error("choose --preset cpu|gpu, --speed or --search.")
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1.")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("no CUDA device here; use --device cpu.")
     device = torch.device(args.device)
-    print(f"TreeLoRA search per step on {machine(device)}, torch {torch.__version__} "
-          f"(12 layers, stored A of shape 8 x 768, as ViT-B/16 qkv LoRA r=8)")
-    print("| stored tasks | tree height | ms per step |\n| --- | --- | --- |")
-    for tasks in (10, 50, 200):
-        seconds, height = search_seconds_per_step(tasks, layers=12, rank=8, dim=768, steps=args.steps, device=device)
-        print(f"| {tasks} | {height} | {1e3 * seconds:.3f} |")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = (f"`python {' '.join(sys.argv)}` on {machine(device)}, torch {torch.__version__}, "
+             f"{datetime.date.today().isoformat()}")
+    report = {"command": " ".join(sys.argv), "machine": machine(device), "date": datetime.date.today().isoformat()}
+
+    if args.preset:
+        print(f"comparing methods, preset {args.preset}: {PRESETS[args.preset]}", flush=True)
+        t0 = time.perf_counter()
+        result = compare_methods(args.preset, args.seeds, out / f"runs_{args.preset}", args.device)
+        table = markdown_table(result["rows"])
+        plot = plot_curves(result["curves"], out / f"methods_{args.preset}.png")
+        print(f"\n{stamp} ({time.perf_counter() - t0:.0f} s)\n\n{table}\n\n{plot}")
+        report["methods"] = {**result, "preset": PRESETS[args.preset], "table": table}
+        (out / f"methods_{args.preset}.md").write_text(f"{stamp}\n\n{table}\n")
+
+    if args.search and not args.speed:
+        print(f"TreeLoRA search per step, {stamp} (12 layers, stored A of shape 8 x 768, as ViT-B/16 qkv LoRA r=8)")
+        print("| stored tasks | tree height | ms per step |\n| --- | --- | --- |")
+        for tasks in (10, 50, 200):
+            seconds, height = search_seconds_per_step(tasks, layers=12, rank=8, dim=768, steps=300, device=device)
+            print(f"| {tasks} | {height} | {1e3 * seconds:.3f} |")
+
+    if args.speed:
+        backbone, batch = ("vit_b_16", 256) if device.type == "cuda" else ("vit_small_cifar", 64)
+        s = speed(device, backbone, batch)
+        rows = growth(device, backbone)
+        report["speed"], report["growth"] = s, rows
+        print(f"\nSpeed, {stamp}: {backbone}, batch {batch}, {s['dtype']}")
+        print(f"| measure | value |\n| --- | --- |\n"
+              f"| peak matmul ({s['dtype']}) | {s['peak_flops'] / 1e12:.3f} TFLOP/s |\n"
+              f"| our LoRA training step | {s['lora_step']['images_per_second']:.1f} img/s, MFU {100 * s['lora_step']['mfu']:.1f}% |\n"
+              f"| torchvision full fine-tuning step | {s['torchvision_full_step']['images_per_second']:.1f} img/s, MFU {100 * s['torchvision_full_step']['mfu']:.1f}% |\n"
+              f"| LoRA step speed / torchvision full step | {s['lora_step_vs_torchvision_full_step']:.2f}× |\n"
+              f"| forward: ours / torchvision | {s['forward_ours_vs_torchvision']:.3f} ({s['forward_images_per_second']['ours']:.1f} vs {s['forward_images_per_second']['torchvision']:.1f} img/s) |\n"
+              f"| HAM folded inference / plain backbone | {s['ham_folded_inference_vs_backbone']:.3f} |")
+        print(f"\nGrowth with the number of tasks ({backbone} qkv LoRA r=8; HAM with 5 groups)")
+        print("| tasks | HAM stored | HAM merge s (last task) | TreeLoRA search ms/step | TreeLoRA stored | TRM stored |\n"
+              "| --- | --- | --- | --- | --- | --- |")
+        for r in rows:
+            print(f"| {r['tasks']} | {mib(r['ham_stored_bytes'])} | {r['ham_last_merge_seconds']:.4f} | "
+                  f"{r['treelora_search_ms_per_step']:.3f} | {mib(r['treelora_stored_bytes'])} | {mib(r['trm_stored_bytes'])} |")
+        if device.type != "cuda":
+            print("\nNo GPU is available here: the ViT-B/16 bf16 GPU figures (images/s, MFU) were not measured.")
+
+    (out / "bench.json").write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

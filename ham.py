@@ -962,7 +962,7 @@ def run_continual(args: CLArgs, make_method: Callable[[ViT, CLArgs], Method], na
     device_gen = torch.Generator(device=device).manual_seed(args.seed + 1)  # augmentation
     acc: list[list[float | None]] = []
     per_task: list[dict] = []
-    trainable, earlier_seconds = 0, 0.0
+    trainable, earlier_seconds, train_seconds = 0, 0.0, 0.0
     if state is not None:
         model.load_state_dict(state["model"], strict=False)
         method.load_state_dict(state["method_state"])
@@ -972,7 +972,7 @@ def run_continual(args: CLArgs, make_method: Callable[[ViT, CLArgs], Method], na
         if device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
         acc, per_task, trainable = state["accuracy_matrix"], state["tasks"], state["trainable_params"]
-        earlier_seconds = state["wall_seconds"]
+        earlier_seconds, train_seconds = state["wall_seconds"], state["train_seconds"]
         log(f"resumed from {ckpt}: {len(acc)} of {args.tasks} tasks already done")
     clock = {"start": time.perf_counter(), "epochs_done": 0, "epochs_total": (args.tasks - len(acc)) * args.epochs}
 
@@ -983,7 +983,8 @@ def run_continual(args: CLArgs, make_method: Callable[[ViT, CLArgs], Method], na
             "config": asdict(args), "class_order": order, "class_names": data.class_names,
             "backbone_weights": source, "accuracy_matrix": acc,
             "metrics": cl_metrics([r[:seen] for r in acc]),
-            "tasks": per_task, "wall_seconds": earlier_seconds + time.perf_counter() - start, **peak_memory(device),
+            "tasks": per_task, "wall_seconds": earlier_seconds + time.perf_counter() - start,
+            "train_seconds": train_seconds, **peak_memory(device),
             "trainable_params": trainable,
             "stored_params": sum(t.numel() for t in method.stored_tensors()),
             **method.summary(),
@@ -991,11 +992,13 @@ def run_continual(args: CLArgs, make_method: Callable[[ViT, CLArgs], Method], na
 
     try:
         for task in range(len(acc), args.tasks):
+            t_task = time.perf_counter()
             trainable = train_task(model, method, data, task, args, gen=gen, device_gen=device_gen, clock=clock,
                                    log=log)
             t0 = time.perf_counter()
             info = method.end_task(model, task, data, log)
             info["consolidate_seconds"] = time.perf_counter() - t0
+            train_seconds += time.perf_counter() - t_task  # training and consolidation, not evaluation
             stored = method.stored_tensors()
             info["stored_tensors"], info["stored_params"] = len(stored), sum(t.numel() for t in stored)
             per_task.append(info)
@@ -1010,7 +1013,7 @@ def run_continual(args: CLArgs, make_method: Callable[[ViT, CLArgs], Method], na
                 "method": name, "config": asdict(args), "device_type": device.type,
                 "model": mutable_state(model), "method_state": method.state_dict(), "rng": rng,
                 "accuracy_matrix": acc, "tasks": per_task, "trainable_params": trainable,
-                "wall_seconds": earlier_seconds + time.perf_counter() - start})
+                "wall_seconds": earlier_seconds + time.perf_counter() - start, "train_seconds": train_seconds})
             write_json_atomic(out / "results.json", results())
     except torch.OutOfMemoryError:
         raise UserError(f"the GPU ran out of memory at --batch-size {args.batch_size}; try --batch-size "
@@ -1058,11 +1061,13 @@ class Args(CLArgs):
         return super().problem()
 
 
+def make_method(model: ViT, args: Args) -> HAM:
+    return HAM(model, tasks=args.tasks, density=args.density, groups=args.groups, threshold=args.threshold,
+               merge=args.merge)
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
-    args = parse_args(Args, argv, description=__doc__)
-    make = lambda model, a: HAM(model, tasks=a.tasks, density=a.density, groups=a.groups,
-                                threshold=a.threshold, merge=a.merge)
-    return run_continual(args, make, "ham")
+    return run_continual(parse_args(Args, argv, description=__doc__), make_method, "ham")
 
 
 if __name__ == "__main__":

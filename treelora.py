@@ -298,10 +298,12 @@ class Args(CLArgs):
         return super().problem()
 
 
+def make_method(model: ViT, args: Args) -> TreeLoRA:
+    return TreeLoRA(model, lam=args.lam, lcb_c=args.lcb_c, grad_density=args.grad_density)
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
-    args = parse_args(Args, argv, description=__doc__)
-    make = lambda model, a: TreeLoRA(model, lam=a.lam, lcb_c=a.lcb_c, grad_density=a.grad_density)
-    return run_continual(args, make, "treelora")
+    return run_continual(parse_args(Args, argv, description=__doc__), make_method, "treelora")
 
 
 if __name__ == "__main__":

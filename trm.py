@@ -207,8 +207,9 @@ class TRM(Method):
             info["objectives_start"], info["objectives_end"] = start, end
             log("  TRM merge: " + "  ".join(f"{k} {start[k]:.4f}->{end[k]:.4f}" for k in start))
         mean_c = c.detach().mean(0).tolist()
+        norm = info["first_step_grad_norm"]
         log(f"  TRM: mean coefficients (c_1..c_K, c_h) [{', '.join(f'{v:+.3f}' for v in mean_c)}]  "
-            f"first-step grad norm {info['first_step_grad_norm']:.4g}")
+            f"first-step grad norm {'n/a' if norm is None else f'{norm:.4g}'}")
         return info
 
     def stored_tensors(self) -> list[Tensor]:
@@ -250,12 +251,14 @@ class Args(CLArgs):
         return super().problem()
 
 
+def make_method(model: ViT, args: Args) -> TRM:
+    return TRM(model, epochs=args.epochs, snapshots=args.snapshots or args.epochs, merge_steps=args.merge_steps,
+               merge_lr=args.merge_lr, lam_pc=args.lam_pc, lam_gr=args.lam_gr, rho=args.rho, mu=args.mu,
+               temperature=args.temperature, batch_size=args.batch_size, seed=args.seed)
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
-    args = parse_args(Args, argv, description=__doc__)
-    make = lambda model, a: TRM(model, epochs=a.epochs, snapshots=a.snapshots or a.epochs, merge_steps=a.merge_steps,
-                                merge_lr=a.merge_lr, lam_pc=a.lam_pc, lam_gr=a.lam_gr, rho=a.rho, mu=a.mu,
-                                temperature=a.temperature, batch_size=a.batch_size, seed=a.seed)
-    return run_continual(args, make, "trm")
+    return run_continual(parse_args(Args, argv, description=__doc__), make_method, "trm")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,58 @@
+"""bench.py smoke tests with a tiny budget: the benchmark runs end to end and reports sane numbers.
+
+The benchmark itself is not a test; these only check that its parts run and fit together.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import bench
+import ham
+
+HERE = Path(__file__).parent
+
+
+def test_method_comparison_runs_every_method(tmp_path):
+    proc = subprocess.run([sys.executable, "bench.py", "--preset", "tiny", "--device", "cpu", "--out", str(tmp_path)],
+                          cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "bench.json").read_text())
+    rows = report["methods"]["rows"]
+    assert [r["method"] for r in rows] == list(bench.METHODS)
+    for r in rows:
+        assert 0 <= r["A_last"][0] <= 100 and r["train_seconds"][0] > 0 and r["inference_images_per_second"][0] > 0
+    by = {r["method"]: r for r in rows}
+    assert by["Joint LoRA (upper bound)"]["forgetting"] is None  # one task: nothing to forget
+    assert by["HAM"]["stored_params"] > 0 and by["TRM"]["stored_params"] > 0
+    assert "| HAM | 4 |" in proc.stdout and (tmp_path / "methods_tiny.md").exists()
+    assert "plot:" in proc.stdout or "matplotlib is not installed" in proc.stdout
+
+
+def test_final_model_reproduces_the_runs_last_evaluation(tmp_path):
+    """The rebuilt, folded and stripped model predicts exactly as the run's last evaluation did."""
+    argv = ["--dataset", "synthetic", "--backbone", "vit_nano", "--tasks", "2", "--epochs", "1", "--batch-size", "32",
+            "--train-per-class", "8", "--out", str(tmp_path)]
+    r = ham.main(argv)
+    model = bench.final_model(tmp_path, r["config"])
+    data = ham.split_data(ham.make_synthetic(0, 8), order=r["class_order"], tasks=2, train_per_class=8,
+                          device=torch.device("cpu"))
+    assert not ham.lora_layers(model)
+    assert ham.evaluate(model, data, 2, batch_size=64, amp=False) == r["accuracy_matrix"][-1]
+
+
+def test_speed_and_growth_run_on_a_tiny_backbone():
+    s = bench.speed(torch.device("cpu"), "vit_nano", batch=4, seconds=0.01)
+    assert s["peak_flops"] > 0 and 0 < s["lora_step"]["mfu"] < 1 and s["forward_ours_vs_torchvision"] > 0
+    assert s["ham_folded_inference_vs_backbone"] > 0
+    rows = bench.growth(torch.device("cpu"), "vit_nano", task_counts=(2, 3))
+    assert rows[0]["trm_stored_bytes"] == rows[1]["trm_stored_bytes"] > 0  # TRM keeps W0 and M only
+    assert rows[0]["treelora_stored_bytes"] < rows[1]["treelora_stored_bytes"]  # TreeLoRA keeps one vector per task
+
+
+def test_vit_flops_match_a_hand_count():
+    cfg = ham.ViTConfig(img_size=8, patch=4, dim=2, depth=1, heads=1, mlp_dim=4)  # 4 patches + cls = 5 tokens
+    # qkv 2*5*2*6 = 120, QK^T and AV 2*2*5*5*2 = 200, proj 2*5*2*2 = 40, MLP 2*2*5*2*4 = 160; patch 2*4*48*2 = 768
+    assert bench.vit_forward_flops(cfg) == 120 + 200 + 40 + 160 + 768
