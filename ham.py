@@ -1015,7 +1015,7 @@ def run_continual(args: CLArgs, make_method: Callable[[ViT, CLArgs], Method], na
                 "accuracy_matrix": acc, "tasks": per_task, "trainable_params": trainable,
                 "wall_seconds": earlier_seconds + time.perf_counter() - start, "train_seconds": train_seconds})
             write_json_atomic(out / "results.json", results())
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:
         raise UserError(f"the GPU ran out of memory at --batch-size {args.batch_size}; try --batch-size "
                         f"{max(1, args.batch_size // 2)} with --resume.") from None
     final = results()

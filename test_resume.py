@@ -240,3 +240,12 @@ def test_weights_of_the_wrong_shape_exit_cleanly(tmp_path, capsys):
     garbage.write_bytes(os.urandom(64))
     code, err = _run("ham", TINY + ["--weights", str(garbage), "--out", str(tmp_path / "run")], capsys)
     assert code == 1 and "is not a readable state dict" in err
+
+
+def test_gpu_out_of_memory_names_the_batch_size_to_try(tmp_path, monkeypatch, capsys):
+    def out_of_memory(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(ham, "train_task", out_of_memory)
+    code, err = _run("ham", TINY + ["--out", str(tmp_path)], capsys)
+    assert code == 1 and "\n" not in err and "--batch-size 16; try --batch-size 8 with --resume" in err
