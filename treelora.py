@@ -12,7 +12,7 @@ The method in five lines:
   4. The loss adds lam_s * |A - g_k|_1, with lam_s ramping linearly from 0 to lam within each epoch.
   5. Only LoRA parameters and the head train, and only the largest entries of each LoRA gradient are kept.
 
-Run:  python treelora.py --tasks 10            (--lam 0 is the SeqLoRA baseline: one LoRA, no regulariser)
+Run:  python treelora.py --tasks 10            (--lam 0 --grad-density 1 is the SeqLoRA baseline)
       python treelora.py --dataset synthetic --tasks 10 --epochs 2 --batch-size 64     (CPU, offline)
 """
 from __future__ import annotations
