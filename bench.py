@@ -187,6 +187,7 @@ def markdown_table(rows: list[dict]) -> str:
 def plot_curves(curves: dict, path: Path) -> str:
     try:
         import matplotlib
+        import matplotlib.ticker
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -200,6 +201,7 @@ def plot_curves(curves: dict, path: Path) -> str:
                 xs = range(1, len(values) + 1) if len(values) > 1 else [T]
                 ax.plot(xs, values, marker="o" if len(values) == 1 else None, label=label)
         ax.set(title=f"{T} tasks", xlabel="task", ylabel="A_t (%)")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
