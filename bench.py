@@ -269,6 +269,27 @@ def training_step_fn(model, params, x: torch.Tensor, y: torch.Tensor, amp: bool)
     return step
 
 
+def lora_vit(cfg: ViTConfig, device: torch.device) -> ViT:
+    """The model the speed benchmarks time: a seeded ViT with rank-8 LoRA on every block's qkv."""
+    torch.manual_seed(0)
+    model = ViT(cfg)
+    add_lora_(model, ["qkv"], rank=8, lora_alpha=8.0)
+    return model.to(device)
+
+
+def consolidate_random_task(method: ham.Method, model: ViT, task: int, data, device: torch.device) -> float:
+    """One task of `method` with a random adapter standing in for training; the seconds its end_task took."""
+    method.begin_task(model, task)
+    for layer in lora_layers(model):
+        torch.nn.init.normal_(layer.B, std=0.01)
+    method.end_epoch(model, task, 0)  # TRM's snapshot; a no-op for HAM
+    sync(device)
+    t0 = time.perf_counter()
+    method.end_task(model, task, data, lambda line: None)
+    sync(device)
+    return time.perf_counter() - t0
+
+
 def speed(device: torch.device, backbone: str, batch: int, seconds: float = 2.0) -> dict:
     """Images/s and MFU of our LoRA step and torchvision's full fine-tuning step, forwards, HAM after folding."""
     cfg = BACKBONES[backbone]
@@ -279,10 +300,7 @@ def speed(device: torch.device, backbone: str, batch: int, seconds: float = 2.0)
     y = torch.randint(0, ham.NUM_CLASSES, (batch,), device=device)
     out = {"peak_flops": peak, "dtype": str(dtype), "backbone": backbone, "batch": batch}
 
-    torch.manual_seed(0)
-    ours = ViT(cfg).to(device)
-    add_lora_(ours, ["qkv"], rank=8, lora_alpha=8.0)
-    ours.to(device)
+    ours = lora_vit(cfg, device)
     step = training_step_fn(ours, [p for p in ours.parameters() if p.requires_grad], x, y, amp)
     t = time_per_call(step, device, seconds)
     # frozen backbone: the backward pass computes activation gradients (one forward's worth) but no weight
@@ -297,15 +315,10 @@ def speed(device: torch.device, backbone: str, batch: int, seconds: float = 2.0)
     out["lora_step_vs_torchvision_full_step"] = t_full / t
 
     # HAM after folding its groups: the adapters are empty and removed, so the model is the backbone's shape
-    torch.manual_seed(0)
-    folded = ViT(cfg)
-    add_lora_(folded, ["qkv"], rank=8, lora_alpha=8.0)
+    folded = lora_vit(cfg, device)
     h = HAM(folded, tasks=5, density=0.2, groups=5, threshold=0.3, merge="mean")
     for task in range(5):
-        h.begin_task(folded, task)
-        for layer in h.layers:
-            torch.nn.init.normal_(layer.B, std=0.01)
-        h.end_task(folded, task, None, lambda line: None)
+        consolidate_random_task(h, folded, task, None, device)
     strip_lora_(folded)
     models = {"ours": ViT(cfg), "torchvision": tv, "ham_folded": folded}
     fwd = best_of_alternating({k: m.to(device).eval() for k, m in models.items()}, device, batch, 2 * seconds,
@@ -323,37 +336,21 @@ def growth(device: torch.device, backbone: str, task_counts=(5, 10, 20, 50)) -> 
     data = ham.split_data(ham.make_synthetic(0, 1, 1), order=ham.class_order(1993), tasks=50, train_per_class=1,
                           device=device)
     nbytes = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)
-    quiet = lambda line: None
     rows = []
     for T in task_counts:
-        torch.manual_seed(0)
-        model = ViT(cfg)
-        add_lora_(model, ["qkv"], rank=8, lora_alpha=8.0)
-        model.to(device)
+        model = lora_vit(cfg, device)
         h = HAM(model, tasks=T, density=0.2, groups=5, threshold=0.3, merge="mean")
-        merge_s = []
         for task in range(T):
-            h.begin_task(model, task)
-            for layer in h.layers:
-                torch.nn.init.normal_(layer.B, std=0.01)
-            sync(device)
-            t0 = time.perf_counter()
-            h.end_task(model, task, None, quiet)
-            sync(device)
-            merge_s.append(time.perf_counter() - t0)
+            last_merge_seconds = consolidate_random_task(h, model, task, None, device)
         m = trm.TRM(model, epochs=1, snapshots=1, merge_steps=0, merge_lr=0.01, lam_pc=1, lam_gr=1, rho=0.5, mu=1,
                     temperature=2, batch_size=8, seed=0)
         for task in range(T):
-            m.begin_task(model, task)
-            for layer in m.layers:
-                torch.nn.init.normal_(layer.B, std=0.01)
-            m.end_epoch(model, task, 0)
-            m.end_task(model, task, data, quiet)
+            consolidate_random_task(m, model, task, data, device)
         layers = len(lora_layers(model))
         d, k = lora_layers(model)[0].A.shape
         search_s, _ = search_seconds_per_step(T, layers=layers, rank=d, dim=k, steps=100, device=device)
         rows.append({"tasks": T, "ham_stored_bytes": nbytes(h.stored_tensors()),
-                     "ham_last_merge_seconds": merge_s[-1],
+                     "ham_last_merge_seconds": last_merge_seconds,
                      "treelora_search_ms_per_step": 1e3 * search_s,
                      "treelora_stored_bytes": 2 * T * layers * d * k * 4,  # g and drift per task and layer, fp32
                      "trm_stored_bytes": nbytes(m.stored_tensors())})
