@@ -458,6 +458,11 @@ def lora_layers(model: nn.Module) -> list[LoRALinear]:
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
 
 
+def lora_parameters(layers: Sequence[LoRALinear]) -> list[nn.Parameter]:
+    """The trainable factors A and B of every layer, in layer order."""
+    return [p for layer in layers for p in (layer.A, layer.B)]
+
+
 def strip_lora_(model: ViT) -> ViT:
     """Replace every LoRALinear by its base linear (call after folding): the plain backbone's cost."""
     for block in model.blocks:
@@ -710,8 +715,7 @@ class HAM(Method):
         for layer in self.layers:
             layer.reset_adapter_()
             layer.importance = self.importance
-        adapters = [p for layer in self.layers for p in (layer.A, layer.B)]
-        return [self.importance, *adapters, *model.head.parameters()]
+        return [self.importance, *lora_parameters(self.layers), *model.head.parameters()]
 
     @torch.no_grad()
     def end_task(self, model: ViT, task: int, data: SplitData, log: Callable[[str], None]) -> dict:
@@ -726,7 +730,7 @@ class HAM(Method):
         self.groups[g].add_(task, pruned, alpha)  # step 4, inside the group
         total = [sum(parts) for parts in zip(*(grp.delta() for grp in self.groups))]  # step 4, across groups
         if not all(torch.isfinite(t).all() for t in total):
-            raise UserError(f"HAM's merged weights after task {task} are not finite; lower --lr and rerun.")
+            raise UserError(f"HAM's merged weights after task {task + 1} are not finite; lower --lr and rerun.")
         # reconstructed: W is recomputed from a kept W0 (no accumulated rounding); the next task trains on it.
         for layer, w0, t in zip(self.layers, self.w0, total):  # step 5: W = W0 + sum_g Delta_g
             layer.base.weight.copy_(w0 + t)

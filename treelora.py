@@ -25,8 +25,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ham import (CLArgs, Method, SplitData, ViT, arg, lora_layers, main_guard, parse_args, prune_by_magnitude,
-                 run_continual)
+from ham import (CLArgs, Method, SplitData, ViT, arg, lora_layers, lora_parameters, main_guard, parse_args,
+                 prune_by_magnitude, run_continual)
 
 # ----------------------------------------------------------------------------------------------------------
 # The K-D tree over past tasks (PAPERS.md, TreeLoRA: [code] tree)
@@ -216,7 +216,7 @@ class TreeLoRA(Method):
         if self.search is not None:
             self.search.reset_()
             self.chosen = torch.zeros(task, len(self.layers), device=self.layers[0].A.device)
-        return [*(p for layer in self.layers for p in (layer.A, layer.B)), *model.head.parameters()]
+        return [*lora_parameters(self.layers), *model.head.parameters()]
 
     def regularizer(self, model: ViT, progress: float) -> Tensor | None:
         if self.search is None or self.lam == 0:
@@ -230,7 +230,7 @@ class TreeLoRA(Method):
 
     def after_backward(self, model: ViT) -> None:
         if self.grad_density < 1:
-            sparsify_gradients_([p for layer in self.layers for p in (layer.A, layer.B)], self.grad_density)
+            sparsify_gradients_(lora_parameters(self.layers), self.grad_density)
 
     def after_step(self, model: ViT) -> None:
         for acc, layer in zip(self.a_sum, self.layers):

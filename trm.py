@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
-from ham import (CLArgs, Method, SplitData, UserError, ViT, arg, batches, lora_layers, main_guard, parse_args,
-                 run_continual, to_model_input)
+from ham import (CLArgs, Method, SplitData, UserError, ViT, arg, batches, lora_layers, lora_parameters, main_guard,
+                 parse_args, run_continual, to_model_input)
 
 # ----------------------------------------------------------------------------------------------------------
 # The augmented trajectory subspace
@@ -126,7 +126,7 @@ class TRM(Method):
         for layer in self.layers:
             layer.reset_adapter_()  # a fresh LoRA on W0 + M_{t-1}
         self.trajectory, self.first_grad_norm = [], None
-        self.trained = [*(p for layer in self.layers for p in (layer.A, layer.B)), *model.head.parameters()]
+        self.trained = [*lora_parameters(self.layers), *model.head.parameters()]
         return self.trained
 
     def after_backward(self, model: ViT) -> None:
@@ -195,7 +195,7 @@ class TRM(Method):
         with torch.no_grad():
             new = [trajectory_merge(m, d, cl) for m, d, cl in zip(self.merged, directions, c.detach())]
             if not all(torch.isfinite(n).all() for n in new):
-                raise UserError(f"TRM's merged delta after task {task} is not finite; lower --merge-lr and rerun.")
+                raise UserError(f"TRM's merged delta after task {task + 1} is not finite; lower --merge-lr and rerun.")
             self.merged = new
             for layer, w0, m in zip(self.layers, self.w0, self.merged):
                 layer.base.weight.copy_(w0 + m)
