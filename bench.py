@@ -26,11 +26,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import continual
 import ham
 import treelora
 import trm
-from ham import BACKBONES, HAM, ViT, ViTConfig, add_lora_, lora_layers, strip_lora_
+from continual import TaskBatches
+from ham import HAM
+from lora_vit import PRESETS as VIT_PRESETS, ViT, ViTConfig, add_lora_, lora_layers, strip_lora_
 from treelora import LCBTreeSearch, build_kdtree, l1_pull
+
+NUM_CLASSES = 100  # every preset below runs on CIFAR-100 or its synthetic stand-in
 
 # ----------------------------------------------------------------------------------------------------------
 # Method comparison
@@ -67,20 +72,21 @@ def run_method(script: str, argv: list[str]) -> None:
     """
     with contextlib.redirect_stdout(io.StringIO()):
         if script == "joint":
-            args = ham.parse_args(treelora.Args, argv)  # validated like any run, then made one task
+            args = continual.parse_args(treelora.Args, argv)  # validated like any run, then made one task
             args = dataclasses.replace(args, tasks=1, lam=0.0, grad_density=1.0)
-            ham.run_continual(args, treelora.make_method, "joint")
+            continual.run_continual(args, treelora.make_method, "joint")
         else:
             SCRIPTS[script].main(argv)
 
 
-def final_model(out: Path, config: dict) -> ViT:
+def final_model(out: Path, config: dict, num_classes: int) -> ViT:
     """The deployable model of a finished run: rebuilt from its checkpoint, every LoRA folded and removed."""
-    ham.seed_everything(config["seed"])  # the frozen backbone's random initialisation, as in the run
-    model = ViT(BACKBONES[config["backbone"]])
-    ham.load_backbone_weights_(model, config["weights"], config["backbone"])
-    add_lora_(model, config["targets"].split(","), config["rank"], config["lora_alpha"])
-    model.load_state_dict(torch.load(out / ham.CHECKPOINT, weights_only=True)["model"], strict=False)
+    args = continual.CLArgs(**{f.name: config[f.name] for f in dataclasses.fields(continual.CLArgs)})
+    continual.seed_everything(args.seed)  # the frozen backbone's random initialisation, as in the run
+    cfg, state, _ = continual.backbone_config(args)
+    model = continual.build_model(cfg, state, num_classes, args.weights)
+    add_lora_(model, args.targets.split(","), args.rank, args.lora_alpha)
+    model.load_state_dict(torch.load(out / continual.CHECKPOINT, weights_only=True)["model"], strict=False)
     for layer in lora_layers(model):
         layer.fold_()
     return strip_lora_(model).eval()
@@ -114,7 +120,7 @@ def best_of_alternating(models: dict, device: torch.device, batch: int, seconds:
 def compare_methods(preset: str, seeds: int, out: Path, device: str) -> dict:
     p = PRESETS[preset]
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["ham", "treelora", "trm", "bench"])
+    ctx.set_forkserver_preload(["continual", "ham", "treelora", "trm", "bench"])
     rows, curves = [], {}
     for tasks in p["tasks"]:
         for label, (script, extra) in METHODS.items():
@@ -126,7 +132,7 @@ def compare_methods(preset: str, seeds: int, out: Path, device: str) -> dict:
                         "--batch-size", str(p["batch_size"]), "--train-per-class", str(p["train_per_class"]),
                         "--tasks", str(tasks), "--seed", str(seed), "--device", device, "--out", str(folder),
                         *(a.format(tasks=tasks, merge_steps=p["merge_steps"]) for a in extra)]
-                if (folder / ham.CHECKPOINT).exists():
+                if (folder / continual.CHECKPOINT).exists():
                     argv.append("--resume")  # a finished run is read back, an interrupted one goes on
                 child = ctx.Process(target=run_method, args=(script, argv))
                 child.start()
@@ -134,7 +140,7 @@ def compare_methods(preset: str, seeds: int, out: Path, device: str) -> dict:
                 if child.exitcode != 0:
                     sys.exit(f"bench: {label} with {tasks} tasks failed (exit {child.exitcode}); see {folder}/log.txt")
                 r = json.loads((folder / "results.json").read_text())
-                model = final_model(folder, r["config"])
+                model = final_model(folder, r["config"], len(r["class_order"]))
                 r["inference_images_per_second"] = inference_images_per_second(
                     model, torch.device(device), batch=2 * p["batch_size"], seconds=p["timing_seconds"],
                     img_size=model.cfg.img_size)
@@ -253,7 +259,7 @@ def torchvision_twin(cfg: ViTConfig):
     import torchvision
     return torchvision.models.VisionTransformer(image_size=cfg.img_size, patch_size=cfg.patch, num_layers=cfg.depth,
                                                 num_heads=cfg.heads, hidden_dim=cfg.dim, mlp_dim=cfg.mlp_dim,
-                                                num_classes=ham.NUM_CLASSES)
+                                                num_classes=NUM_CLASSES)
 
 
 def training_step_fn(model, params, x: torch.Tensor, y: torch.Tensor, amp: bool):
@@ -272,32 +278,42 @@ def training_step_fn(model, params, x: torch.Tensor, y: torch.Tensor, amp: bool)
 def lora_vit(cfg: ViTConfig, device: torch.device) -> ViT:
     """The model the speed benchmarks time: a seeded ViT with rank-8 LoRA on every block's qkv."""
     torch.manual_seed(0)
-    model = ViT(cfg)
+    model = ViT(cfg, NUM_CLASSES)
     add_lora_(model, ["qkv"], rank=8, lora_alpha=8.0)
     return model.to(device)
 
 
-def consolidate_random_task(method: ham.Method, model: ViT, task: int, data, device: torch.device) -> float:
+def random_task_batches(device: torch.device, task: int, img_size: int) -> TaskBatches:
+    """A tiny synthetic task's batches, for consolidations that need data (TRM's merge)."""
+    data = continual.split_data(continual.make_synthetic(0, 1, 1), order=continual.class_order(1993), tasks=50,
+                                train_per_class=1, device=device)
+    gen, device_gen = continual.run_generators(0, device)
+    return TaskBatches(data, task, batch_size=8, img_size=img_size, normalize="imagenet", gen=gen,
+                       device_gen=device_gen)
+
+
+def consolidate_random_task(method: continual.Method, model: ViT, task: int, device: torch.device) -> float:
     """One task of `method` with a random adapter standing in for training; the seconds its end_task took."""
-    method.begin_task(model, task)
+    batches = random_task_batches(device, task, model.cfg.img_size)
+    method.begin_task(task, batches)
     for layer in lora_layers(model):
         torch.nn.init.normal_(layer.B, std=0.01)
-    method.end_epoch(model, task, 0)  # TRM's snapshot; a no-op for HAM
+    method.end_epoch(0)  # TRM's snapshot; a no-op for HAM
     sync(device)
     t0 = time.perf_counter()
-    method.end_task(model, task, data, lambda line: None)
+    method.end_task(task, batches, lambda line: None)
     sync(device)
     return time.perf_counter() - t0
 
 
 def speed(device: torch.device, backbone: str, batch: int, seconds: float = 2.0) -> dict:
     """Images/s and MFU of our LoRA step and torchvision's full fine-tuning step, forwards, HAM after folding."""
-    cfg = BACKBONES[backbone]
+    cfg = VIT_PRESETS[backbone]
     amp = device.type == "cuda"
     dtype = torch.bfloat16 if amp else torch.float32
     peak = peak_matmul_flops(device, dtype, seconds)
     x = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device)
-    y = torch.randint(0, ham.NUM_CLASSES, (batch,), device=device)
+    y = torch.randint(0, NUM_CLASSES, (batch,), device=device)
     out = {"peak_flops": peak, "dtype": str(dtype), "backbone": backbone, "batch": batch}
 
     ours = lora_vit(cfg, device)
@@ -316,11 +332,11 @@ def speed(device: torch.device, backbone: str, batch: int, seconds: float = 2.0)
 
     # HAM after folding its groups: the adapters are empty and removed, so the model is the backbone's shape
     folded = lora_vit(cfg, device)
-    h = HAM(folded, tasks=5, density=0.2, groups=5, threshold=0.3, merge="mean")
+    h = HAM(folded, tasks=5, density=0.2, max_groups=5, threshold=0.3, merge="mean")
     for task in range(5):
-        consolidate_random_task(h, folded, task, None, device)
+        consolidate_random_task(h, folded, task, device)
     strip_lora_(folded)
-    models = {"ours": ViT(cfg), "torchvision": tv, "ham_folded": folded}
+    models = {"ours": ViT(cfg, NUM_CLASSES), "torchvision": tv, "ham_folded": folded}
     fwd = best_of_alternating({k: m.to(device).eval() for k, m in models.items()}, device, batch, 2 * seconds,
                               cfg.img_size)
     out["forward_images_per_second"] = fwd
@@ -332,20 +348,18 @@ def speed(device: torch.device, backbone: str, batch: int, seconds: float = 2.0)
 def growth(device: torch.device, backbone: str, task_counts=(5, 10, 20, 50)) -> list[dict]:
     """Per number of tasks: HAM's stored bytes and merge time, TreeLoRA's search time per step and stored bytes,
     TRM's stored bytes. The merges are fed random adapters: no training, only the consolidation's cost."""
-    cfg = BACKBONES[backbone]
-    data = ham.split_data(ham.make_synthetic(0, 1, 1), order=ham.class_order(1993), tasks=50, train_per_class=1,
-                          device=device)
+    cfg = VIT_PRESETS[backbone]
     nbytes = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)
     rows = []
     for T in task_counts:
         model = lora_vit(cfg, device)
-        h = HAM(model, tasks=T, density=0.2, groups=5, threshold=0.3, merge="mean")
+        h = HAM(model, tasks=T, density=0.2, max_groups=5, threshold=0.3, merge="mean")
         for task in range(T):
-            last_merge_seconds = consolidate_random_task(h, model, task, None, device)
-        m = trm.TRM(model, epochs=1, snapshots=1, merge_steps=0, merge_lr=0.01, lam_pc=1, lam_gr=1, rho=0.5, mu=1,
-                    temperature=2, batch_size=8, seed=0)
+            last_merge_seconds = consolidate_random_task(h, model, task, device)
+        m = trm.TRM(model, snapshot_at=[0], merge_steps=0, merge_lr=0.01, lam_pc=1, lam_gr=1, rho=0.5, mu=1,
+                    temperature=2)
         for task in range(T):
-            consolidate_random_task(m, model, task, data, device)
+            consolidate_random_task(m, model, task, device)
         layers = len(lora_layers(model))
         d, k = lora_layers(model)[0].A.shape
         search_s, _ = search_seconds_per_step(T, layers=layers, rank=d, dim=k, steps=100, device=device)

@@ -1,6 +1,8 @@
-"""Shared test fixtures. Hypothesis is derandomised when CI is set (CI=true in .ci/run)."""
+"""Shared test helpers. Hypothesis is derandomised when CI is set (CI=true in .ci/run)."""
 import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,13 +15,17 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+HERE = Path(__file__).parent
+# the smallest runs that still learn: vit_nano (2 blocks, width 48) on synthetic data
+TINY = ["--dataset", "synthetic", "--backbone", "vit_nano", "--batch-size", "32"]
+
 
 def write_cifar100_pickles(root: Path, train_per_class: int = 6, test_per_class: int = 3, seed: int = 0) -> Path:
     """Write cifar-100-python/{train,test,meta} in the original format (dicts of bytes keys, protocol 2).
 
-    The images come from ham.make_synthetic, so a model can learn them; labels are CIFAR fine labels 0..99.
+    The images come from continual.make_synthetic, so a model can learn them; labels are fine labels 0..99.
     """
-    from ham import make_synthetic
+    from continual import make_synthetic
 
     raw = make_synthetic(seed, train_per_class, test_per_class)
     folder = root / "cifar-100-python"
@@ -38,10 +44,30 @@ def write_cifar100_pickles(root: Path, train_per_class: int = 6, test_per_class:
     return folder
 
 
+def run_script(script: str, argv: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `python <script>.py argv` in the repository; assert it succeeded."""
+    proc = subprocess.run([sys.executable, f"{script}.py", *argv], cwd=HERE, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def learned(results: dict, factor: float = 2.0) -> bool:
+    """Whether each task, right after its training, beat chance among the classes seen by then `factor`-fold.
+
+    A broken loop (no gradient, wrong labels, wrong head rows) stays at chance; forgetting does not enter.
+    """
+    acc, T = results["accuracy_matrix"], len(results["accuracy_matrix"])
+    per_task = len(results["class_order"]) // len(acc[0])
+    diagonal = [acc[t][t] for t in range(T)]
+    chance = [100.0 / (per_task * (t + 1)) for t in range(T)]
+    return sum(diagonal) / T > factor * sum(chance) / T
+
+
 @pytest.fixture
 def usage_error(capsys):
     """Parse argv with a script's Args; assert exit code 2 and no traceback; return the error's last line."""
-    from ham import parse_args
+    from continual import parse_args
 
     def run(args_cls: type, argv: list[str]) -> str:
         with pytest.raises(SystemExit) as e:

@@ -10,7 +10,9 @@ from pathlib import Path
 import torch
 
 import bench
+import continual
 import ham
+from lora_vit import ViTConfig, lora_layers
 
 HERE = Path(__file__).parent
 
@@ -38,11 +40,12 @@ def test_final_model_reproduces_the_runs_last_evaluation(tmp_path):
     argv = ["--dataset", "synthetic", "--backbone", "vit_nano", "--tasks", "2", "--epochs", "1", "--batch-size", "32",
             "--train-per-class", "8", "--out", str(tmp_path)]
     r = ham.main(argv)
-    model = bench.final_model(tmp_path, r["config"])
-    data = ham.split_data(ham.make_synthetic(0, 8), order=r["class_order"], tasks=2, train_per_class=8,
-                          device=torch.device("cpu"))
-    assert not ham.lora_layers(model)
-    assert ham.evaluate(model, data, 2, batch_size=64, amp=False) == r["accuracy_matrix"][-1]
+    model = bench.final_model(tmp_path, r["config"], len(r["class_order"]))
+    data = continual.split_data(continual.make_synthetic(0, 8), order=r["class_order"], tasks=2, train_per_class=8,
+                                device=torch.device("cpu"))
+    assert not lora_layers(model)
+    got = continual.evaluate(model, data, 2, batch_size=64, img_size=32, normalize="imagenet", amp=False)
+    assert got == r["accuracy_matrix"][-1]
 
 
 def test_speed_and_growth_run_on_a_tiny_backbone():
@@ -55,6 +58,6 @@ def test_speed_and_growth_run_on_a_tiny_backbone():
 
 
 def test_vit_flops_match_a_hand_count():
-    cfg = ham.ViTConfig(img_size=8, patch=4, dim=2, depth=1, heads=1, mlp_dim=4)  # 4 patches + cls = 5 tokens
+    cfg = ViTConfig(img_size=8, patch=4, dim=2, depth=1, heads=1, mlp_dim=4)  # 4 patches + cls = 5 tokens
     # qkv 2*5*2*6 = 120, QK^T and AV 2*2*5*5*2 = 200, proj 2*5*2*2 = 40, MLP 2*2*5*2*4 = 160; patch 2*4*48*2 = 768
     assert bench.vit_forward_flops(cfg) == 120 + 200 + 40 + 160 + 768

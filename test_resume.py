@@ -12,9 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import continual
 import ham
 import treelora
 import trm
+from continual import CHECKPOINT
+from lora_vit import PRESETS, ViT
 
 SCRIPTS = {"ham": ham, "treelora": treelora, "trm": trm}
 TINY = ["--dataset", "synthetic", "--backbone", "vit_nano", "--tasks", "4", "--epochs", "2", "--batch-size", "16",
@@ -33,13 +36,13 @@ def _quiet_main(script: str, argv: list[str]) -> None:
 def processes():
     """Child processes forked from a server that has imported torch and the scripts once (fast to start)."""
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["ham", "treelora", "trm", "test_resume"])
+    ctx.set_forkserver_preload(["continual", "ham", "treelora", "trm", "test_resume"])
     return ctx
 
 
 def _final_state(out: Path) -> tuple[dict, dict]:
     results = json.loads((out / "results.json").read_text())
-    ckpt = torch.load(out / ham.CHECKPOINT, weights_only=True)
+    ckpt = torch.load(out / CHECKPOINT, weights_only=True)
     return results, ckpt
 
 
@@ -86,9 +89,10 @@ def test_killed_run_resumes_to_identical_results(script, tmp_path, processes):
         p.join(timeout=rng.uniform(0.0, duration / 4))
         p.kill()  # SIGKILL: no clean-up of any kind
         p.join()
-        done = torch.load(out / ham.CHECKPOINT, weights_only=True)["accuracy_matrix"] if (out / ham.CHECKPOINT).exists() else []
+        done = torch.load(out / CHECKPOINT, weights_only=True)["accuracy_matrix"] if (out / CHECKPOINT).exists() else []
         resumed_from.append(len(done))
-        p = processes.Process(target=_quiet_main, args=(script, argv + ["--out", str(out), "--resume"]))
+        again = ["--resume"] if (out / CHECKPOINT).exists() else []  # killed before the first checkpoint: restart
+        p = processes.Process(target=_quiet_main, args=(script, argv + ["--out", str(out), *again]))
         p.start()
         p.join()
         assert p.exitcode == 0, f"resume after kill point {i} failed"
@@ -114,31 +118,31 @@ def test_crash_during_checkpoint_write_keeps_the_old_one(tmp_path, monkeypatch):
     with pytest.raises(SystemExit):
         ham.main(argv + ["--out", str(out)])
     monkeypatch.setattr(torch, "save", real_save)
-    assert torch.load(out / ham.CHECKPOINT, weights_only=True)["accuracy_matrix"][0] is not None  # task 1 intact
-    assert len(torch.load(out / ham.CHECKPOINT, weights_only=True)["accuracy_matrix"]) == 1
+    assert torch.load(out / CHECKPOINT, weights_only=True)["accuracy_matrix"][0] is not None  # task 1 intact
+    assert len(torch.load(out / CHECKPOINT, weights_only=True)["accuracy_matrix"]) == 1
     ham.main(argv + ["--out", str(out), "--resume"])
     _assert_identical(out, tmp_path / "reference")
 
 
 def test_non_finite_loss_names_task_epoch_and_step(tmp_path, monkeypatch, capsys):
-    real = ham.task_logits
+    real = continual.task_logits
     steps = []
 
-    def poisoned(model, x, data, task):
-        logits = real(model, x, data, task)
-        if task == 1:
+    def poisoned(model, x, classes):
+        logits = real(model, x, classes)
+        if classes.start > 0:  # the second task
             steps.append(1)
             if len(steps) == 3:
                 return logits * float("nan")
         return logits
 
-    monkeypatch.setattr(ham, "task_logits", poisoned)
+    monkeypatch.setattr(continual, "task_logits", poisoned)
     with pytest.raises(SystemExit) as e:
-        ham.main_guard(lambda: ham.main(TINY + ["--out", str(tmp_path)]))
+        continual.main_guard(lambda: ham.main(TINY + ["--out", str(tmp_path)]))
     err = capsys.readouterr().err.strip()
     assert e.value.code == 1 and "\n" not in err and "Traceback" not in err
     assert "non-finite at task 2, epoch 1, step 3" in err
-    assert len(torch.load(tmp_path / ham.CHECKPOINT, weights_only=True)["accuracy_matrix"]) == 1
+    assert len(torch.load(tmp_path / CHECKPOINT, weights_only=True)["accuracy_matrix"]) == 1
 
 
 # ---- a table of bad inputs: each exits 2 (usage) or 1 (runtime) with one sentence and touches no file
@@ -171,7 +175,7 @@ OUT_OF_RANGE = [
 
 def _run(script: str, argv: list[str], capsys) -> tuple[int, str]:
     with pytest.raises(SystemExit) as e:
-        ham.main_guard(lambda: SCRIPTS[script].main(argv))
+        continual.main_guard(lambda: SCRIPTS[script].main(argv))
     return e.value.code, capsys.readouterr().err.strip()
 
 
@@ -204,7 +208,7 @@ def _copy_run(src: Path, dst: Path) -> Path:
 
 
 def _truncate(folder: Path) -> None:
-    path = folder / ham.CHECKPOINT
+    path = folder / CHECKPOINT
     path.write_bytes(path.read_bytes()[:100])
 
 
@@ -214,7 +218,7 @@ RUNTIME = [  # (script, extra argv, how to spoil the run folder first, message)
     ("ham", ["--resume", "--backbone", "vit_small_cifar"], None, "was made with --backbone vit_nano, not vit_small_cifar"),
     ("treelora", ["--resume"], None, "is a checkpoint of ham, not treelora"),
     ("trm", ["--resume"], None, "is a checkpoint of ham, not trm"),
-    ("ham", ["--resume"], _truncate, "is not a readable checkpoint"),
+    ("ham", ["--resume"], _truncate, "is corrupt or truncated; delete it to start afresh"),
     ("ham", [], None, "already holds a checkpoint; pass --resume"),
 ]
 
@@ -232,20 +236,22 @@ def test_bad_run_folder_exits_cleanly_and_touches_nothing(script, argv, spoil, m
 
 
 def test_weights_of_the_wrong_shape_exit_cleanly(tmp_path, capsys):
-    torch.save(ham.ViT(ham.BACKBONES["vit_small_cifar"]).state_dict(), tmp_path / "small.pt")
+    small = ViT(PRESETS["vit_small_cifar"], 100).state_dict()
+    torch.save({k: v for k, v in small.items() if not k.startswith("blocks.")}, tmp_path / "small.pt")
     (tmp_path / "run").mkdir()
     code, err = _run("ham", TINY + ["--weights", str(tmp_path / "small.pt"), "--out", str(tmp_path / "run")], capsys)
-    assert code == 1 and "shape" in err and "vit_nano needs" in err and "\n" not in err
+    assert code == 1 and "\n" not in err
+    assert "the weights give cls_token the shape (1, 1, 192), but this ViT needs (1, 1, 48)" in err
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(os.urandom(64))
     code, err = _run("ham", TINY + ["--weights", str(garbage), "--out", str(tmp_path / "run")], capsys)
-    assert code == 1 and "is not a readable state dict" in err
+    assert code == 1 and "garbage.pt is corrupt or truncated" in err and "Error" not in err
 
 
 def test_gpu_out_of_memory_names_the_batch_size_to_try(tmp_path, monkeypatch, capsys):
     def out_of_memory(*a, **k):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(ham, "train_task", out_of_memory)
+    monkeypatch.setattr(continual, "train_task", out_of_memory)
     code, err = _run("ham", TINY + ["--out", str(tmp_path)], capsys)
     assert code == 1 and "\n" not in err and "--batch-size 16; try --batch-size 8 with --resume" in err

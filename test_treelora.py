@@ -1,18 +1,17 @@
 """treelora.py: the K-D tree, the bandit search against an exhaustive one, the regulariser, sparse updates."""
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+import continual
 import treelora
+from conftest import TINY, learned, run_script
+from lora_vit import PRESETS, ViT, add_lora_, lora_parameters
 from treelora import LCBTreeSearch, build_kdtree, exhaustive_min_lcb
 
-HERE = Path(__file__).parent
 seeds = st.integers(0, 2**31 - 1)
 
 
@@ -160,6 +159,103 @@ def test_sparsifier_keeps_the_largest_fraction(seed, density):
         assert full[kept].abs().min() >= full[~kept].abs().max()
 
 
+def test_the_root_split_separates_two_clusters_of_drifts():
+    g = torch.Generator().manual_seed(0)
+    centre = torch.randn(16, generator=g)
+    far = [centre + 0.05 * torch.randn(16, generator=g) for _ in range(4)]  # 4 tasks that drifted alike
+    near = [0.05 * torch.randn(16, generator=g) for _ in range(4)]  # 4 that barely moved
+    order = [0, 5, 1, 6, 2, 7, 3, 4]  # interleaved task ids
+    vectors = torch.stack([(far + near)[i] for i in order])
+    tree = build_kdtree([vectors, vectors])
+    sides = [sorted(tree.node_tasks[tree.left[0]]), sorted(tree.node_tasks[tree.right[0]])]
+    far_ids = sorted(t for t, i in enumerate(order) if i < 4)
+    assert far_ids in sides and sorted(set(range(8)) - set(far_ids)) in sides
+
+
+# ---- the method inside the loop
+
+
+def _setup(tasks: int = 4, *, lam: float = 0.5, grad_density: float = 1.0):
+    torch.manual_seed(0)
+    model = ViT(PRESETS["vit_nano"], num_classes=100)
+    add_lora_(model, ["qkv"], rank=4, lora_alpha=4.0)
+    method = treelora.TreeLoRA(model, lam=lam, lcb_c=0.01, grad_density=grad_density)
+    data = continual.split_data(continual.make_synthetic(0, 8, 2), order=continual.class_order(1993), tasks=tasks,
+                                train_per_class=8, device=torch.device("cpu"))
+    gen, device_gen = continual.run_generators(0, torch.device("cpu"))
+    batches = lambda t: continual.TaskBatches(data, t, batch_size=16, img_size=32, normalize="imagenet", gen=gen,
+                                              device_gen=device_gen)
+    return model, method, batches
+
+
+def _train(model, method, batches, task: int, epochs: int = 1) -> None:
+    clock = {"start": 0.0, "epochs_done": 0, "epochs_total": epochs}
+    continual.train_task(model, method, batches, epochs=epochs, lr=5e-3, task=task, tasks=4, clock=clock,
+                         log=lambda line: None)
+    method.end_task(task, batches, lambda line: None)
+
+
+def test_stored_vector_is_the_last_epochs_mean_of_a():
+    model, method, batches = _setup()
+    seen, real = [], method.penalty
+
+    def recording(task_loss):
+        seen.append([layer.A.detach().clone() for layer in method.layers])
+        return real(task_loss)
+
+    method.penalty = recording
+    b = batches(0)
+    _train(model, method, b, 0, epochs=2)
+    last = seen[len(b):]  # the second epoch's steps
+    assert len(last) == len(b)
+    for l, g in enumerate(method.g):
+        torch.testing.assert_close(g[0], torch.stack([s[l] for s in last]).mean(0))
+        assert not torch.allclose(g[0], torch.stack([s[l] for s in seen[: len(b)]]).mean(0))  # not epoch 1's
+
+
+def test_the_pull_targets_the_selected_task_and_ramps_within_each_epoch():
+    model, method, batches = _setup(lam=0.5)
+    for task in range(2):
+        _train(model, method, batches(task), task)
+    b = batches(2)
+    method.begin_task(2, b)
+    n = len(b)
+    for epoch in range(2):
+        for step in range(1, n + 1):
+            for layer in method.layers:
+                layer.A.grad = None
+            before = method.chosen.clone()
+            value = method.penalty(torch.tensor(1.0))
+            k = (method.chosen - before).argmax(0)  # the past task chosen for each layer at this step
+            value.backward()
+            for l, layer in enumerate(method.layers):
+                target = method.g[l][k[l]]
+                ramp = step / n  # lam_s = lam * s / n, from 0 to lam within the epoch
+                want = 0.5 * ramp * torch.sign(layer.A.detach() - target) / target.numel()
+                torch.testing.assert_close(layer.A.grad, want)
+            dist = treelora.l1_pull([layer.A for layer in method.layers],
+                                    [method.g[l][k[l]] for l in range(len(method.layers))])
+            torch.testing.assert_close(value, 0.5 * (step / n) * dist.sum())
+        method.end_epoch(epoch)
+
+
+def test_sparse_gradients_reach_the_optimiser(monkeypatch):
+    model, method, batches = _setup(lam=0.0, grad_density=0.25)
+    lora = lora_parameters(method.layers)
+    counts, real_step = [], torch.optim.Adam.step
+
+    def inspecting_step(self, *a, **k):
+        counts.append([(p.grad != 0).sum().item() for p in lora if p.grad is not None])
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", inspecting_step)
+    _train(model, method, batches(0), 0)
+    _train(model, method, batches(1), 1)
+    limits = [math.ceil(0.25 * p.numel()) for p in lora]
+    assert all(len(c) == len(lora) and all(n <= m for n, m in zip(c, limits)) for c in counts)
+    assert [max(c[i] for c in counts) for i in range(len(lora))] == limits  # the budget is reached, not exceeded
+
+
 # ---- command line and a tiny run
 
 
@@ -174,14 +270,10 @@ def test_bad_flags(argv, message, usage_error):
 
 
 def test_end_to_end_synthetic(tmp_path):
-    argv = ["--dataset", "synthetic", "--backbone", "vit_nano", "--tasks", "4", "--epochs", "2",
-            "--batch-size", "32", "--train-per-class", "24", "--out", str(tmp_path)]
-    proc = subprocess.run([sys.executable, "treelora.py", *argv], cwd=HERE, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    run_script("treelora", [*TINY, "--tasks", "4", "--epochs", "3", "--train-per-class", "24", "--out", str(tmp_path)])
     r = json.loads((tmp_path / "results.json").read_text())
-    assert r["finished"] and r["synthetic_data"] and r["method"] == "treelora"
-    assert r["metrics"]["A_last"] > 2 * 1.0  # chance is 1%
+    assert r["finished"] and r["synthetic_data"] and r["method"] == "treelora" and learned(r)
     sel = r["tasks"][3]["selections"]  # task 4 chose among 3 past tasks, for each of the 2 LoRA layers
-    assert len(sel) == 2 and all(len(row) == 3 for row in sel) and sum(sel[0]) > 0
-    assert sorted(sum(r["tree"][:1], [])) == [0, 1, 2, 3]
+    assert len(sel) == 2 and all(len(row) == 3 for row in sel)
+    assert sum(sel[0]) == sum(sel[1]) == 3 * math.ceil(24 * 25 / 32)  # one choice per layer and step
+    assert sorted(r["tree"][0]) == [1, 2, 3, 4]  # tasks counted from 1

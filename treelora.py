@@ -1,7 +1,8 @@
 """TreeLoRA: layer-wise LoRAs guided by a hierarchical gradient-similarity K-D tree and an LCB bandit.
 
 Paper: https://arxiv.org/abs/2506.10355 (ICML 2025). The official code covers LLMs only; where it and the paper
-disagree we follow the paper (README, 'Implementation details and deviations').
+disagree we follow the paper (README, deviations 11-17; TreeLoRA's ViT results also use HiDeLoRA, which this
+file does not, deviation 17).
 
 The method in five lines:
   1. One LoRA per target layer is trained on all tasks in turn (never reset).
@@ -25,11 +26,31 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ham import (CLArgs, Method, SplitData, ViT, arg, lora_layers, lora_parameters, main_guard, parse_args,
-                 prune_by_magnitude, run_continual)
+from continual import CLArgs, Method, TaskBatches, arg, main_guard, parse_args, run_continual
+from lora_vit import ViT, lora_layers, lora_parameters
+
+
+@dataclass
+class Args(CLArgs):
+    """TreeLoRA's flags on top of the shared protocol."""
+
+    lam: float = arg(0.1, "regulariser weight lam (ramped from 0 within each epoch); 0 gives SeqLoRA")
+    # reconstructed: c is ours, on the scale of the per-entry L1 rewards.
+    lcb_c: float = arg(0.01, "exploration constant c of the lower confidence bound mu - c sqrt(log s / n)")
+    grad_density: float = arg(0.5, "fraction of each LoRA gradient's entries kept per step (1: dense)")
+
+    def problem(self) -> str | None:
+        if not self.lam >= 0 or not math.isfinite(self.lam):
+            return "--lam must be a non-negative number; 0 gives the SeqLoRA baseline."
+        if not self.lcb_c >= 0 or not math.isfinite(self.lcb_c):
+            return "--lcb-c must be a non-negative number."
+        if not 0 < self.grad_density <= 1:
+            return "--grad-density must be in (0, 1]; 1 keeps the whole gradient."
+        return super().problem()
+
 
 # ----------------------------------------------------------------------------------------------------------
-# The K-D tree over past tasks (PAPERS.md, TreeLoRA: [code] tree)
+# The K-D tree over past tasks (the official code's tree; README, deviation 13)
 
 
 def median_split(tasks: Sequence[int], scores: Tensor) -> tuple[list[int], list[int]]:
@@ -106,19 +127,40 @@ def exhaustive_min_lcb(total: Tensor, plays: Tensor, *, step: int, c: float) -> 
     return lcb(total / plays.clamp(min=1), plays, c * math.sqrt(math.log(step))).argmin(0)
 
 
-# reconstructed: subtree bounds from (min mean, min plays) and a greedy descent; the paper gives no node rule.
-class LCBTreeSearch:
-    """Minimum-LCB bandit over the past tasks of every layer at once, descending a KDTree.
+def tree_search(tree: KDTree, total: Tensor, plays: Tensor, node_mean: Tensor, node_plays: Tensor, *,
+                step: int, c: float) -> Tensor:
+    """The past task of minimum LCB for every layer at once, found by one root-to-leaf descent per layer.
 
-    Each node keeps, per layer, the smallest mean and the smallest play count over its subtree; together they
-    give min_mean - beta / sqrt(min_n), a lower bound on the LCB of every arm below, kept up to date along one
-    root-to-leaf path per play. A step descends to the child with the smaller bound, so select and update both
-    cost O(height), and all state stays on the device (no host synchronisation). The descent is exact whenever
-    the bound is tight, e.g. c = 0 or equal play counts; a subtree holding an unplayed arm has bound -inf.
+    total, plays: (T, L) summed rewards and play counts per arm and layer; node_mean, node_plays: (nodes, L)
+    the smallest mean and the smallest play count over each node's subtree. min_mean - beta / sqrt(min_n) is a
+    lower bound on the LCB of every arm below a node; the descent goes to the child with the smaller bound,
+    then takes the best arm of the leaf. O(height) per layer; exact whenever the bound is tight (c = 0, or
+    equal play counts); a subtree holding an unplayed arm has bound -inf, so unplayed arms come first.
+    """
+    # reconstructed: subtree bounds from (min mean, min plays) and a greedy descent (README, deviation 12).
+    beta = c * math.sqrt(math.log(step))
+    cols = torch.arange(total.shape[1], device=total.device)
+    node = torch.zeros_like(cols)  # every layer starts at the root
+    for _ in range(tree.height):
+        lo, hi = tree.left[node], tree.right[node]  # -1 at leaves
+        bound_lo = lcb(node_mean[lo.clamp(min=0), cols], node_plays[lo.clamp(min=0), cols], beta)
+        bound_hi = lcb(node_mean[hi.clamp(min=0), cols], node_plays[hi.clamp(min=0), cols], beta)
+        node = torch.where(lo < 0, node, torch.where(bound_lo <= bound_hi, lo, hi))
+    arms = tree.leaf_tasks[node]  # (L, m), -1 padded
+    n = plays[arms.clamp(min=0), cols[:, None]]
+    score = torch.where(arms >= 0, lcb(total[arms.clamp(min=0), cols[:, None]] / n.clamp(min=1), n, beta), math.inf)
+    return arms.gather(1, score.argmin(1, keepdim=True)).squeeze(1)
+
+
+class LCBTreeSearch:
+    """The bandit's statistics on the device, with tree_search() to choose and update_() to record a play.
+
+    Select and update both cost O(height) and never synchronise with the host.
     """
 
     def __init__(self, tree: KDTree, num_layers: int, *, c: float, device: torch.device):
-        self.tree, self.c = tree.to(device), c
+        self.tree = tree.to(device)
+        self.c = c
         T, nodes = len(tree.leaf_of_task), len(tree.left)
         self.cols = torch.arange(num_layers, device=device)
         self.total = torch.zeros(T, num_layers, device=device)  # summed rewards per arm and layer
@@ -128,26 +170,15 @@ class LCBTreeSearch:
         self.step = 0
 
     def reset_(self) -> None:
-        """Statistics restart every epoch (PAPERS.md)."""
+        """Statistics restart every epoch (the paper)."""
         self.total.zero_(), self.plays.zero_(), self.node_mean.fill_(math.inf), self.node_plays.zero_()
         self.step = 0
 
     def select(self) -> Tensor:
         """The past task chosen for each layer, (L,) int64, on the device."""
         self.step += 1
-        beta = self.c * math.sqrt(math.log(self.step))
-        t = self.tree
-        node = torch.zeros_like(self.cols)  # every layer starts at the root
-        for _ in range(t.height):
-            lo, hi = t.left[node], t.right[node]  # -1 at leaves
-            bound_lo = lcb(self.node_mean[lo.clamp(min=0), self.cols], self.node_plays[lo.clamp(min=0), self.cols], beta)
-            bound_hi = lcb(self.node_mean[hi.clamp(min=0), self.cols], self.node_plays[hi.clamp(min=0), self.cols], beta)
-            node = torch.where(lo < 0, node, torch.where(bound_lo <= bound_hi, lo, hi))
-        arms = t.leaf_tasks[node]  # (L, m), -1 padded
-        total = self.total[arms.clamp(min=0), self.cols[:, None]]
-        plays = self.plays[arms.clamp(min=0), self.cols[:, None]]
-        score = torch.where(arms >= 0, lcb(total / plays.clamp(min=1), plays, beta), math.inf)
-        return arms.gather(1, score.argmin(1, keepdim=True)).squeeze(1)
+        return tree_search(self.tree, self.total, self.plays, self.node_mean, self.node_plays, step=self.step,
+                           c=self.c)
 
     def update_(self, arms: Tensor, rewards: Tensor) -> None:
         """Record one play per layer (arms, rewards: (L,)) and refresh the bounds on the path to the root."""
@@ -184,41 +215,53 @@ def l1_pull(A: Sequence[Tensor], targets: Sequence[Tensor]) -> Tensor:
 
 
 def sparsify_gradients_(params: Sequence[nn.Parameter], density: float) -> None:
-    """Keep the ceil(density * n) largest-magnitude entries of each gradient, zero the rest."""
-    # reconstructed: the paper's 'sparse gradient updates', as magnitude top-k of each LoRA gradient per step.
+    """Keep the ceil(density * n) largest-magnitude entries of each gradient, zero the rest, in place."""
+    # reconstructed: the paper's 'sparse gradient updates' as magnitude top-k per step (README, deviation 15).
     for p in params:
         if p.grad is not None:
-            p.grad = prune_by_magnitude(p.grad, density)
+            flat = p.grad.view(-1)
+            keep = torch.zeros_like(flat, dtype=torch.bool)
+            keep[flat.abs().topk(math.ceil(density * flat.numel()), sorted=False).indices] = True
+            flat.masked_fill_(~keep, 0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Wiring into the loop
 
 
 class TreeLoRA(Method):
-    """TreeLoRA (PAPERS.md, TreeLoRA section); with lam = 0 it is SeqLoRA."""
-
-    name = "treelora"
+    """TreeLoRA: one LoRA continued across tasks, pulled each step toward the past task the tree search picks."""
 
     def __init__(self, model: ViT, *, lam: float, lcb_c: float, grad_density: float):
+        self.head = model.head
         self.layers = lora_layers(model)
-        self.lam, self.c, self.grad_density = lam, lcb_c, grad_density
+        self.lam = lam
+        self.lcb_c = lcb_c
+        self.grad_density = grad_density
         self.g: list[Tensor] = []  # per layer (tasks so far, r, k): mean A over each task's last epoch
         self.drifts: list[Tensor] = []  # per layer (tasks so far, r*k): g_t - g_{t-1}, what the tree is built on
-        self.previous: list[Tensor] = []  # g_{t-1} per layer (the initial A before task 0)
-        self.search: LCBTreeSearch | None = None
+        self.previous: list[Tensor] = []  # g_{t-1} per layer (the initial A before task 1)
         self.tree: KDTree | None = None
-        self.a_sum: list[Tensor] = []
-        self.a_steps = 0
+        self.search: LCBTreeSearch | None = None
+        self.a_sum: list[Tensor] = []  # running sum of A over the epoch's steps
+        self.step = 0  # steps taken in this epoch
+        self.steps_per_epoch = 1
         self.last_epoch_mean: list[Tensor] = []
         self.chosen: Tensor | None = None  # (past tasks, L) selection counts during the current task
 
-    def begin_task(self, model: ViT, task: int) -> list[nn.Parameter]:
+    def begin_task(self, task: int, batches: TaskBatches) -> list[nn.Parameter]:
         if task == 0:
             self.previous = [layer.A.detach().clone() for layer in self.layers]
-        self.a_sum, self.a_steps = [torch.zeros_like(layer.A) for layer in self.layers], 0
+        self.a_sum, self.step, self.steps_per_epoch = [torch.zeros_like(layer.A) for layer in self.layers], 0, len(batches)
         if self.search is not None:
             self.search.reset_()
             self.chosen = torch.zeros(task, len(self.layers), device=self.layers[0].A.device)
-        return [*lora_parameters(self.layers), *model.head.parameters()]
+        return [*lora_parameters(self.layers), *self.head.parameters()]
 
-    def regularizer(self, model: ViT, progress: float) -> Tensor | None:
+    def penalty(self, task_loss: Tensor) -> Tensor | None:
+        self.step += 1
+        for acc, layer in zip(self.a_sum, self.layers):
+            acc += layer.A.detach()  # A as this step sees it
         if self.search is None or self.lam == 0:
             return None
         k = self.search.select()  # (L,) past task per layer
@@ -226,27 +269,22 @@ class TreeLoRA(Method):
         dist = l1_pull([layer.A for layer in self.layers], targets)  # (L,)
         self.search.update_(k, dist.detach())
         self.chosen[k, self.search.cols] += 1
-        return self.lam * progress * dist.sum()  # lam_s ramps from 0 to lam within the epoch
+        return self.lam * (self.step / self.steps_per_epoch) * dist.sum()  # lam_s ramps from 0 to lam in an epoch
 
-    def after_backward(self, model: ViT) -> None:
+    def after_backward(self) -> None:
         if self.grad_density < 1:
             sparsify_gradients_(lora_parameters(self.layers), self.grad_density)
 
-    def after_step(self, model: ViT) -> None:
-        for acc, layer in zip(self.a_sum, self.layers):
-            acc += layer.A.detach()
-        self.a_steps += 1
-
-    def end_epoch(self, model: ViT, task: int, epoch: int) -> None:
-        self.last_epoch_mean = [acc / self.a_steps for acc in self.a_sum]
-        self.a_sum, self.a_steps = [torch.zeros_like(acc) for acc in self.a_sum], 0
+    def end_epoch(self, epoch: int) -> None:
+        self.last_epoch_mean = [acc / self.step for acc in self.a_sum]
+        self.a_sum, self.step = [torch.zeros_like(acc) for acc in self.a_sum], 0
         if self.search is not None:
             self.search.reset_()
 
     @torch.no_grad()
-    def end_task(self, model: ViT, task: int, data: SplitData, log: Callable[[str], None]) -> dict:
+    def end_task(self, task: int, batches: TaskBatches, log: Callable[[str], None]) -> dict:
         mean_a = self.last_epoch_mean  # g_t per layer
-        # reconstructed: the drift of task 0 is measured from the initial A.
+        # reconstructed: the first task's drift is measured from the initial A (README, deviation 14).
         drift = [(m - p).flatten()[None] for m, p in zip(mean_a, self.previous)]  # (1, r*k) per layer
         self.drifts = [torch.cat([old, d]) for old, d in zip(self.drifts, drift)] if self.drifts else drift
         self.g = [torch.cat([g, m[None]]) for g, m in zip(self.g, mean_a)] if self.g else [m[None] for m in mean_a]
@@ -255,13 +293,13 @@ class TreeLoRA(Method):
         info = {"tree_height": self.tree.height}
         if self.chosen is not None:
             info["selections"] = self.chosen.T.tolist()  # per layer, how often each past task was chosen
-            top = self.chosen.argmax(0).tolist()
+            top = (self.chosen.argmax(0) + 1).tolist()
             log(f"  TreeLoRA: most chosen past task per layer {top}; tree of {task + 1} tasks, height {self.tree.height}")
         return info
 
     def _rebuild_tree(self) -> None:
         self.tree = build_kdtree([d.cpu() for d in self.drifts])
-        self.search = LCBTreeSearch(self.tree, len(self.layers), c=self.c, device=self.g[0].device)
+        self.search = LCBTreeSearch(self.tree, len(self.layers), c=self.lcb_c, device=self.g[0].device)
 
     def stored_tensors(self) -> list[Tensor]:
         return [*self.g, *self.drifts]
@@ -275,27 +313,8 @@ class TreeLoRA(Method):
         if self.g:
             self._rebuild_tree()
 
-    def summary(self) -> dict:
-        return {"tree": self.tree.node_tasks if self.tree else []}
-
-
-@dataclass
-class Args(CLArgs):
-    """TreeLoRA's flags on top of the shared protocol."""
-
-    lam: float = arg(0.1, "regulariser weight lam (ramped from 0 within each epoch); 0 gives SeqLoRA")
-    # reconstructed: c is ours, on the scale of the per-entry L1 rewards.
-    lcb_c: float = arg(0.01, "exploration constant c of the lower confidence bound mu - c sqrt(log s / n)")
-    grad_density: float = arg(0.5, "fraction of each LoRA gradient's entries kept per step (1: dense)")
-
-    def problem(self) -> str | None:
-        if not self.lam >= 0 or not math.isfinite(self.lam):
-            return "--lam must be a non-negative number; 0 gives the SeqLoRA baseline."
-        if not self.lcb_c >= 0 or not math.isfinite(self.lcb_c):
-            return "--lcb-c must be a non-negative number."
-        if not 0 < self.grad_density <= 1:
-            return "--grad-density must be in (0, 1]; 1 keeps the whole gradient."
-        return super().problem()
+    def summary(self) -> dict:  # tasks counted from 1
+        return {"tree": [[t + 1 for t in node] for node in self.tree.node_tasks] if self.tree else []}
 
 
 def make_method(model: ViT, args: Args) -> TreeLoRA:

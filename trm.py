@@ -1,7 +1,7 @@
 """TRM: Trajectory Regularized Merging, continual merging without storing past models or data.
 
-Paper: https://arxiv.org/abs/2605.08311 (abstract only is public). Everything below beyond the abstract's
-three objectives is a RECONSTRUCTION (PAPERS.md, TRM reference design; README, deviations 15-20).
+Paper: https://arxiv.org/abs/2605.08311 (only the abstract is public). Everything below beyond the abstract's
+three objectives is a RECONSTRUCTION (README, deviations 18-23).
 
 The method in five lines:
   1. Keep only the frozen backbone W0 and one merged delta M per LoRA layer between tasks.
@@ -27,14 +27,44 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
-from ham import (CLArgs, Method, SplitData, UserError, ViT, arg, batches, lora_layers, lora_parameters, main_guard,
-                 parse_args, run_continual, to_model_input)
+from continual import CLArgs, Method, TaskBatches, UserError, arg, main_guard, parse_args, run_continual
+from lora_vit import ViT, lora_layers, lora_parameters
+
+
+@dataclass
+class Args(CLArgs):
+    """TRM's flags on top of the shared protocol."""
+
+    # reconstructed: every default below is ours; the paper's values are not public.
+
+    snapshots: int = arg(0, "snapshots K of the task's LoRA delta, evenly spread over its epochs (0: one per epoch)")
+    merge_steps: int = arg(100, "Adam steps S on the merge coefficients; 0 is the plain sequential merge")
+    merge_lr: float = arg(0.01, "Adam learning rate of the merge coefficients")
+    lam_pc: float = arg(1.0, "weight of prediction consistency on the old classes")
+    lam_gr: float = arg(1.0, "weight of the gradient-responsiveness hinge")
+    rho: float = arg(0.5, "the merged model's logit Fisher trace must stay >= rho times the previous model's")
+    mu: float = arg(1.0, "trust-region weight mu |c - c_init|^2")
+    temperature: float = arg(2.0, "distillation temperature T of the two KL terms")
+
+    def problem(self) -> str | None:
+        if self.snapshots < 0 or self.snapshots > self.epochs:
+            return f"--snapshots must be between 0 (one per epoch) and --epochs ({self.epochs})."
+        if self.merge_steps < 0:
+            return "--merge-steps must be at least 0; 0 is the plain sequential merge."
+        for name in ("merge_lr", "temperature"):
+            if not getattr(self, name) > 0 or not math.isfinite(getattr(self, name)):
+                return f"--{name.replace('_', '-')} must be a positive number."
+        for name in ("lam_pc", "lam_gr", "rho", "mu"):
+            if not getattr(self, name) >= 0 or not math.isfinite(getattr(self, name)):
+                return f"--{name.replace('_', '-')} must be a non-negative number."
+        return super().problem()
+
 
 # ----------------------------------------------------------------------------------------------------------
 # The augmented trajectory subspace
 
 
-# reconstructed: the subspace (snapshots plus the previous merged delta) and its coefficients, PAPERS.md step 2.
+# reconstructed: the subspace, snapshots plus the previous merged delta, and its coefficients (deviation 20).
 def trajectory_merge(prev: Tensor, directions: Tensor, c: Tensor) -> Tensor:
     """M(c) = M_prev + sum_k c_k D_k + c_h M_prev for one layer.
 
@@ -55,13 +85,13 @@ def initial_coefficients(layers: int, snapshots: int, device: torch.device | Non
 
 def snapshot_epochs(epochs: int, snapshots: int) -> list[int]:
     """The K epochs (0-based) after which a snapshot is taken, evenly spread, always including the last."""
-    # reconstructed: PAPERS.md says 'e.g. one per epoch'; with fewer snapshots we spread them evenly.
+    # reconstructed: one snapshot per epoch by default; fewer are spread evenly (README, deviation 19).
     return sorted({round((k + 1) * epochs / snapshots) - 1 for k in range(snapshots)})
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The three objectives and the trust region (all on logits; T is the distillation temperature)
-# reconstructed: the abstract names the three objectives; these formulas are PAPERS.md's reading of them.
+# reconstructed: the abstract names the three objectives; these formulas are ours (README, deviation 21).
 
 
 def distill_kl(teacher: Tensor, student: Tensor, temperature: float) -> Tensor:
@@ -101,42 +131,68 @@ def trust_region(c: Tensor, c_init: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------------------
 
 
-# reconstructed: state W0 + M, fresh LoRA per task, snapshots, Adam on c over current-task batches (PAPERS.md).
+def merge_objective(c: Tensor, *, w0: Sequence[Tensor], prev: Sequence[Tensor], directions: Sequence[Tensor],
+                    logits_of: Callable[[list[Tensor], Tensor], Tensor], x: Tensor, y: Tensor, classes: range,
+                    endpoint: Tensor, previous: Tensor, temperature: float, rho: float, lam_pc: float,
+                    lam_gr: float, mu: float, c_init: Tensor) -> dict[str, Tensor]:
+    """TRM's merge objective at coefficients c (layers, K + 1) on one batch; its terms and their weighted total.
+
+    w0, prev, directions: per layer W0, M_{t-1} and the stacked snapshots (K, d, k). logits_of(weights, x)
+    gives the model's logits over the seen classes with each layer's base weight replaced by weights[l].
+    endpoint, previous: the fine-tuned endpoint's and the previous merged model's logits on x (no gradient).
+    """
+    weights = [w + trajectory_merge(m, d, cl) for w, m, d, cl in zip(w0, prev, directions, c)]
+    merged = logits_of(weights, x)  # (B, seen classes)
+    lo, hi = classes.start, classes.stop
+    terms = {
+        "alignment": task_alignment(merged[:, lo:hi], endpoint[:, lo:hi], y, temperature),
+        "consistency": prediction_consistency(merged[:, :lo], previous[:, :lo], temperature),
+        "responsiveness": gradient_responsiveness(merged, previous, rho),
+        "trust": trust_region(c, c_init),
+    }
+    terms["total"] = (terms["alignment"] + lam_pc * terms["consistency"] + lam_gr * terms["responsiveness"]
+                      + mu * terms["trust"])
+    return terms
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Wiring into the loop
+
+
+# reconstructed: state W0 + M, a fresh LoRA per task, snapshots, Adam on c over the task's batches (dev. 19-22).
 class TRM(Method):
-    """Trajectory Regularized Merging (PAPERS.md, TRM reference design, steps 1-4)."""
+    """Trajectory Regularized Merging: snapshots during the task, then the merge of merge_objective()."""
 
-    name = "trm"
-
-    def __init__(self, model: ViT, *, epochs: int, snapshots: int, merge_steps: int, merge_lr: float,
-                 lam_pc: float, lam_gr: float, rho: float, mu: float, temperature: float, batch_size: int,
-                 seed: int):
+    def __init__(self, model: ViT, *, snapshot_at: Sequence[int], merge_steps: int, merge_lr: float, lam_pc: float,
+                 lam_gr: float, rho: float, mu: float, temperature: float):
         self.model = model
         self.layers = lora_layers(model)
         self.names = [n + ".base.weight" for n, m in model.named_modules() if m in self.layers]
         self.w0 = [layer.base.weight.detach().clone() for layer in self.layers]
-        self.merged = [torch.zeros_like(w) for w in self.w0]  # M_{t-1} per layer, all that grows: nothing
-        self.snapshot_at = snapshot_epochs(epochs, snapshots)
-        self.steps, self.lr, self.batch_size, self.seed = merge_steps, merge_lr, batch_size, seed
-        self.lam_pc, self.lam_gr, self.rho, self.mu, self.temperature = lam_pc, lam_gr, rho, mu, temperature
+        self.merged = [torch.zeros_like(w) for w in self.w0]  # M_{t-1} per layer: all that is kept
+        self.snapshot_at = set(snapshot_at)
+        self.merge_steps = merge_steps
+        self.merge_lr = merge_lr
+        self.weights = dict(lam_pc=lam_pc, lam_gr=lam_gr, mu=mu, rho=rho, temperature=temperature)
         self.trajectory: list[list[Tensor]] = []  # per snapshot, per layer: the delta D_k (freed after the merge)
         self.trained: list[nn.Parameter] = []
         self.first_grad_norm: Tensor | None = None
 
-    def begin_task(self, model: ViT, task: int) -> list[nn.Parameter]:
+    def begin_task(self, task: int, batches: TaskBatches) -> list[nn.Parameter]:
         for layer in self.layers:
             layer.reset_adapter_()  # a fresh LoRA on W0 + M_{t-1}
         self.trajectory, self.first_grad_norm = [], None
-        self.trained = [*lora_parameters(self.layers), *model.head.parameters()]
+        self.trained = [*lora_parameters(self.layers), *self.model.head.parameters()]
         return self.trained
 
-    def after_backward(self, model: ViT) -> None:
+    def after_backward(self) -> None:
         if self.first_grad_norm is None:  # the first step of the task: is the merged model still trainable?
             # Over every trained parameter: the new task's head rows start at zero, so at this first step no
             # gradient reaches the LoRA factors yet; the head's gradient carries the merged features' signal.
             norms = [torch.linalg.vector_norm(p.grad) for p in self.trained if p.grad is not None]
             self.first_grad_norm = torch.linalg.vector_norm(torch.stack(norms))
 
-    def end_epoch(self, model: ViT, task: int, epoch: int) -> None:
+    def end_epoch(self, epoch: int) -> None:
         if epoch in self.snapshot_at:
             self.trajectory.append([layer.delta().detach().clone() for layer in self.layers])
 
@@ -144,53 +200,36 @@ class TRM(Method):
         """Logits of classes [0, hi) with every LoRA layer's base weight replaced, differentiably, by `weights`."""
         return functional_call(self.model, dict(zip(self.names, weights)), (x,))[:, :hi].float()
 
-    def objectives(self, c: Tensor, x: Tensor, y: Tensor, task: int, data: SplitData, *,
-                   directions: list[Tensor], endpoint: Tensor, previous: Tensor) -> dict[str, Tensor]:
-        """The four terms at coefficients c (layers, K + 1) on one batch; endpoint/previous: their logits."""
-        lo, hi = data.task_range(task)
-        weights = [w0 + trajectory_merge(m, d, cl) for w0, m, d, cl in zip(self.w0, self.merged, directions, c)]
-        merged = self._logits(weights, x, hi)  # (B, hi)
-        return {
-            "alignment": task_alignment(merged[:, lo:hi], endpoint[:, lo:hi], y, self.temperature),
-            "consistency": prediction_consistency(merged[:, :lo], previous[:, :lo], self.temperature),
-            "responsiveness": gradient_responsiveness(merged, previous, self.rho),
-        }
-
-    def end_task(self, model: ViT, task: int, data: SplitData, log: Callable[[str], None]) -> dict:
+    def end_task(self, task: int, batches: TaskBatches, log: Callable[[str], None]) -> dict:
         K = len(self.trajectory)
         directions = [torch.stack([snap[l] for snap in self.trajectory]) for l in range(len(self.layers))]  # (K, d, k)
         for layer in self.layers:
             layer.reset_adapter_()  # from here on the model's outputs come from its base weights alone
         c_init = initial_coefficients(len(self.layers), K, device=self.w0[0].device)
         c = nn.Parameter(c_init.clone())
-        opt = torch.optim.Adam([c], lr=self.lr)
+        opt = torch.optim.Adam([c], lr=self.merge_lr)
         amp = self.w0[0].device.type == "cuda"
-        gen = torch.Generator().manual_seed(self.seed * 1000 + task)
-        device_gen = torch.Generator(device=self.w0[0].device).manual_seed(self.seed * 1000 + task)
-        _, hi = data.task_range(task)
+        hi = batches.classes.stop
         previous_w = [w0 + m for w0, m in zip(self.w0, self.merged)]  # the previous merged model, W0 + M_{t-1}
         endpoint_w = [w + d[-1] for w, d in zip(previous_w, directions)]  # the fine-tuned endpoint
+        logits_of = lambda weights, x: self._logits(weights, x, hi)
         recorded, step = {}, 0
-        while step < self.steps:
-            for x, y in batches(data, task, batch_size=self.batch_size, gen=gen, device_gen=device_gen):
-                x = to_model_input(x, model.cfg.img_size)
+        while step < self.merge_steps:
+            for x, y in batches:
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
                     with torch.no_grad():
-                        endpoint = self._logits(endpoint_w, x, hi)
-                        previous = self._logits(previous_w, x, hi)
-                    terms = self.objectives(c, x, y, task, data, directions=directions, endpoint=endpoint,
-                                            previous=previous)
-                terms["trust"] = trust_region(c, c_init)
-                loss = (terms["alignment"] + self.lam_pc * terms["consistency"]
-                        + self.lam_gr * terms["responsiveness"] + self.mu * terms["trust"])
+                        endpoint, previous = logits_of(endpoint_w, x), logits_of(previous_w, x)
+                    terms = merge_objective(c, w0=self.w0, prev=self.merged, directions=directions,
+                                            logits_of=logits_of, x=x, y=y, classes=batches.classes,
+                                            endpoint=endpoint, previous=previous, c_init=c_init, **self.weights)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                terms["total"].backward()
                 opt.step()
                 if step == 0:
                     recorded["start"] = {k: v.detach() for k, v in terms.items()}
                 recorded["end"] = {k: v.detach() for k, v in terms.items()}
                 step += 1
-                if step == self.steps:
+                if step == self.merge_steps:
                     break
         with torch.no_grad():
             new = [trajectory_merge(m, d, cl) for m, d, cl in zip(self.merged, directions, c.detach())]
@@ -199,7 +238,7 @@ class TRM(Method):
             self.merged = new
             for layer, w0, m in zip(self.layers, self.w0, self.merged):
                 layer.base.weight.copy_(w0 + m)
-        self.trajectory = []  # step 4: only M_t is kept
+        self.trajectory = []  # only M_t is kept
         info = {"coefficients": c.detach().tolist(), "snapshots": K,
                 "first_step_grad_norm": self.first_grad_norm.item() if self.first_grad_norm is not None else None}
         if recorded:
@@ -222,39 +261,10 @@ class TRM(Method):
         self.merged = [t.to(self.w0[0].device) for t in state["merged"]]
 
 
-@dataclass
-class Args(CLArgs):
-    """TRM's flags on top of the shared protocol."""
-
-    # reconstructed: every default below is ours; the paper's values are not public.
-
-    snapshots: int = arg(0, "snapshots K of the task's LoRA delta, evenly spread over its epochs (0: one per epoch)")
-    merge_steps: int = arg(100, "Adam steps S on the merge coefficients; 0 is the plain sequential merge")
-    merge_lr: float = arg(0.01, "Adam learning rate of the merge coefficients")
-    lam_pc: float = arg(1.0, "weight of prediction consistency on the old classes")
-    lam_gr: float = arg(1.0, "weight of the gradient-responsiveness hinge")
-    rho: float = arg(0.5, "the merged model's logit Fisher trace must stay >= rho times the previous model's")
-    mu: float = arg(1.0, "trust-region weight mu |c - c_init|^2")
-    temperature: float = arg(2.0, "distillation temperature T of the two KL terms")
-
-    def problem(self) -> str | None:
-        if self.snapshots < 0 or self.snapshots > self.epochs:
-            return f"--snapshots must be between 0 (one per epoch) and --epochs ({self.epochs})."
-        if self.merge_steps < 0:
-            return "--merge-steps must be at least 0; 0 is the plain sequential merge."
-        for name in ("merge_lr", "temperature"):
-            if not getattr(self, name) > 0 or not math.isfinite(getattr(self, name)):
-                return f"--{name.replace('_', '-')} must be a positive number."
-        for name in ("lam_pc", "lam_gr", "rho", "mu"):
-            if not getattr(self, name) >= 0 or not math.isfinite(getattr(self, name)):
-                return f"--{name.replace('_', '-')} must be a non-negative number."
-        return super().problem()
-
-
 def make_method(model: ViT, args: Args) -> TRM:
-    return TRM(model, epochs=args.epochs, snapshots=args.snapshots or args.epochs, merge_steps=args.merge_steps,
-               merge_lr=args.merge_lr, lam_pc=args.lam_pc, lam_gr=args.lam_gr, rho=args.rho, mu=args.mu,
-               temperature=args.temperature, batch_size=args.batch_size, seed=args.seed)
+    return TRM(model, snapshot_at=snapshot_epochs(args.epochs, args.snapshots or args.epochs),
+               merge_steps=args.merge_steps, merge_lr=args.merge_lr, lam_pc=args.lam_pc, lam_gr=args.lam_gr,
+               rho=args.rho, mu=args.mu, temperature=args.temperature)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -1,0 +1,889 @@
+"""The continual-learning protocol shared by ham.py, treelora.py and trm.py.
+
+Read top to bottom: the flags every script shares, seeding (the only place anything is seeded), the data
+(Split CIFAR-100 from its original pickles, a class-per-folder tree, an offline synthetic stand-in), the
+model a run builds, the metrics, the `Method` hooks, the training loop, and the run around it: logs,
+checkpoints after every task, --resume, results.json and accuracy.png.
+
+The protocol (class-incremental): T tasks of disjoint classes in the order RandomState(class_seed)
+.permutation(n); one head over all classes; while task t trains, the cross-entropy sees only task t's logits
+(old head rows get no gradient); at test time, no task id: argmax over every class seen so far.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import pickle
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from lora_vit import (PRESETS, TARGETS, TORCHVISION_WEIGHTS, LoRALinear, ViT, ViTConfig, WeightsError, add_lora_,
+                      config_from_state_dict, load_backbone_, read_weights_file, torchvision_weights)
+
+CIFAR_CLASSES = 100
+NORMALIZATION = {  # name -> (mean, std) per channel
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # torchvision's and most timm weights
+    "0.5": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # timm's augreg in21k ViTs
+}
+SEED_MAX = 2**32 - 1  # numpy's RandomState takes seeds below 2**32
+
+
+class UserError(Exception):
+    """A problem the user can fix; the scripts print it as one sentence and exit 1, no traceback."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Flags: a dataclass whose field help strings become --help (cleanrl's style, without extra packages)
+
+
+def arg(default, help: str, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class CLArgs:
+    """The shared protocol's flags; each script's Args adds its method's."""
+
+    tasks: int = arg(10, "number of tasks T; must divide the number of classes (100 for CIFAR-100)")
+    dataset: str = arg("cifar100", "cifar100; folder (a class-per-folder tree under --data-root with train/ and "
+                                   "test/); or synthetic (offline, CIFAR-shaped, for CPU runs and tests)",
+                       choices=("cifar100", "folder", "synthetic"))
+    data_root: str = arg("./data", "cifar100: the folder holding cifar-100-python/ (downloaded there when "
+                                   "absent); folder: the folder holding train/ and test/")
+    train_per_class: int = arg(0, "use only the first N training images of each class (0: all)")
+    class_seed: int = arg(1993, "seed of the class order numpy.random.RandomState(seed).permutation(n)")
+    seed: int = arg(0, "seed of everything else (initialisation, batches, augmentation, synthetic data)")
+    backbone: str = arg("auto", "ViT shape: a preset, or auto (read from a --weights file; else vit_b_16, or "
+                                "vit_small_cifar on synthetic data so that it runs offline on a CPU)",
+                        choices=("auto", *PRESETS))
+    weights: str = arg("auto", "auto (torchvision's ImageNet weights for vit_b_16, vit_b_32 and vit_l_16, random "
+                               "for the others), random, or the path of a timm-format ViT state dict")
+    img_size: int = arg(0, "input side in pixels (0: the preset's, 224 for a weights file); a file's position "
+                           "grid is resampled to it")
+    heads: int = arg(0, "attention heads (0: the preset's, or timm's count for a weights file's width)")
+    normalize: str = arg("imagenet", "input normalisation: imagenet mean/std, or 0.5 (timm's in21k weights)",
+                         choices=tuple(NORMALIZATION))
+    targets: str = arg("qkv", f"comma-separated block layers that get LoRA, from {', '.join(TARGETS)}")
+    rank: int = arg(8, "LoRA rank r")
+    lora_alpha: float = arg(8.0, "LoRA scale numerator: delta = (lora_alpha / r) B A")
+    epochs: int = arg(20, "epochs per task")
+    batch_size: int = arg(192, "training batch size")
+    lr: float = arg(5e-3, "Adam learning rate (constant)")
+    device: str = arg("auto", "auto (CUDA when available), cpu, cuda or cuda:N")
+    out: str = arg("", "run folder for results.json, log.txt, accuracy.png and checkpoint.pt; empty: "
+                       "runs/<method>-<dataset>-T<tasks>-seed<seed>-<hash of the other settings>")
+    resume: bool = arg(False, "continue the run in --out from its last finished task (same settings required)")
+
+    def problem(self) -> str | None:
+        """The first invalid setting, as one sentence, or None."""
+        if self.dataset != "folder":
+            divisors = [d for d in range(2, CIFAR_CLASSES + 1) if CIFAR_CLASSES % d == 0]
+            if self.tasks not in divisors:
+                return f"--tasks must divide 100 into at least 2 tasks; use one of {', '.join(map(str, divisors))}."
+        elif self.tasks < 2:
+            return "--tasks must be at least 2."
+        targets = self.targets.split(",")
+        if not self.targets or any(t not in TARGETS for t in targets) or len(set(targets)) != len(targets):
+            return f"--targets must be a comma-separated list of distinct names from {', '.join(TARGETS)}."
+        for name, low in (("rank", 1), ("epochs", 1), ("batch_size", 1), ("train_per_class", 0), ("img_size", 0),
+                          ("heads", 0)):
+            if getattr(self, name) < low:
+                return f"--{name.replace('_', '-')} must be at least {low}."
+        for name in ("seed", "class_seed"):
+            if not 0 <= getattr(self, name) <= SEED_MAX:
+                return f"--{name.replace('_', '-')} must be between 0 and {SEED_MAX}."
+        for name in ("lr", "lora_alpha"):
+            if not getattr(self, name) > 0 or not math.isfinite(getattr(self, name)):
+                return f"--{name.replace('_', '-')} must be a positive number."
+        if self.weights not in ("auto", "random") and not Path(self.weights).is_file():
+            return f"--weights {self.weights}: no such file; give auto, random or the path of a state dict."
+        device_problem = _device_problem(self.device)
+        if device_problem:
+            return device_problem
+        if self.out and not _writable(Path(self.out)):
+            return f"--out {self.out} cannot be written; choose a folder you can write to."
+        if self.dataset == "folder" and not (Path(self.data_root) / "train").is_dir():
+            return f"--data-root {self.data_root} holds no train/ folder of class folders."
+        if (self.dataset == "cifar100" and not (Path(self.data_root) / "cifar-100-python").is_dir()
+                and not _writable(Path(self.data_root))):
+            return f"--data-root {self.data_root} holds no cifar-100-python/ and cannot be written to download it."
+        return None
+
+
+def _device_problem(name: str) -> str | None:
+    if name == "auto":
+        return None
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        return f"--device {name} is not a device; use auto, cpu or cuda."
+    if device.type not in ("cpu", "cuda"):
+        return f"--device {name} is not supported; use auto, cpu or cuda."
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        return f"--device {name}: no such CUDA device here; use --device cpu."
+    return None
+
+
+def _writable(path: Path) -> bool:
+    """Whether `path` is, or could be created as, a folder we can write to."""
+    existing = path.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    return existing.is_dir() and os.access(existing, os.W_OK)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help shows the module docstring as written and every flag's default once."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, argparse.SUPPRESS) or action.option_strings == ["-h", "--help"]:
+            return action.help
+        return f"{action.help} (default: {action.default if action.default != '' else 'empty'})"
+
+
+def parse_args(cls: type, argv: Sequence[str] | None = None, description: str = "") -> CLArgs:
+    """Build argparse from a dataclass's fields, parse, then validate every flag before any work starts."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
+    for f in fields(cls):
+        kw = {"default": f.default, "help": f.metadata["help"]}
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        if isinstance(f.default, bool):
+            kw["action"] = "store_true"
+        else:
+            kw["type"] = type(f.default)
+        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
+    args = cls(**vars(parser.parse_args(argv)))
+    problem = args.problem()
+    if problem:
+        parser.error(problem)  # prints usage and the sentence, exits 2
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Seeding: the one place
+
+
+def seed_everything(seed: int) -> None:
+    """Global seeds (model initialisation, fresh adapters); batches and augmentation use the generators below."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
+def run_generators(seed: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
+    """(batch order on the host, augmentation on the data's device); saved in every checkpoint."""
+    return torch.Generator().manual_seed(seed), torch.Generator(device=device).manual_seed(seed + 1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: a dict of uint8 images (N, 3, S, S), int64 labels and class names per source
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what CIFAR-100's python files hold: dicts, lists, bytes and numpy arrays."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"asks to load {module}.{name}, which a CIFAR-100 file never does")
+        if module == "numpy.core.multiarray":  # numpy 2 moved it; avoid the deprecated alias
+            module = "numpy._core.multiarray"
+        return super().find_class(module, name)
+
+
+def read_cifar_pickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            obj = _CifarUnpickler(f, encoding="bytes").load()
+    except pickle.UnpicklingError as e:
+        if "which a CIFAR-100 file never does" in str(e):
+            raise UserError(f"{path} {e}; refusing to unpickle it (tampered or wrong file).") from None
+        raise UserError(f"{path} is corrupt or truncated ({e}); delete it to download it again.") from None
+    except (EOFError, ValueError, TypeError) as e:
+        raise UserError(f"{path} is corrupt or truncated ({type(e).__name__}: {e or 'ends early'}); delete it "
+                        "to download it again.") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} is not a CIFAR-100 python file (no dictionary inside).")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def read_cifar100(folder: Path) -> dict:
+    """cifar-100-python/{train,test,meta} -> uint8 images (N, 3, 32, 32), int64 fine labels, class names."""
+    out = {}
+    for split in ("train", "test"):
+        d = read_cifar_pickle(folder / split)
+        data, labels = d.get("data"), d.get("fine_labels")
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+            raise UserError(f"{folder / split} has no uint8 'data' array of shape (N, 3072).")
+        if not isinstance(labels, list) or len(labels) != len(data) or not all(
+                isinstance(y, int) and 0 <= y < CIFAR_CLASSES for y in labels):
+            raise UserError(f"{folder / split} has no 'fine_labels' list of N labels in 0..99.")
+        out[f"{split}_x"] = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())  # R, G, B planes, rows first
+        out[f"{split}_y"] = torch.tensor(labels, dtype=torch.int64)
+    names = read_cifar_pickle(folder / "meta").get("fine_label_names")
+    if not isinstance(names, list) or len(names) != CIFAR_CLASSES:
+        raise UserError(f"{folder / 'meta'} has no list of 100 'fine_label_names'.")
+    out["class_names"] = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+    return out
+
+
+def load_cifar100(root: str) -> dict:
+    """Read the original pickles under root, downloading them through torchvision when absent."""
+    folder = Path(root) / "cifar-100-python"
+    if not all((folder / f).is_file() for f in ("train", "test", "meta")):
+        import torchvision
+        try:
+            torchvision.datasets.CIFAR100(root, train=True, download=True)
+        except Exception as e:
+            raise UserError(f"CIFAR-100 is not under --data-root {root} and could not be downloaded "
+                            f"({type(e).__name__}: {e}); put cifar-100-python/ there or use --dataset synthetic."
+                            ) from None
+    return read_cifar100(folder)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+def read_image_folder(root: Path, img_size: int) -> dict:
+    """root/{train,test}/<class>/<image> -> uint8 images resized to img_size x img_size (antialiased), labels.
+
+    Classes are the sorted folder names under train/; test/ must hold the same ones. Every file that cannot be
+    read as an image is named in one error.
+    """
+    from PIL import Image  # Pillow: installed with torchvision
+
+    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    if not classes:
+        raise UserError(f"{root / 'train'} holds no class folders.")
+    if not (root / "test").is_dir() or sorted(p.name for p in (root / "test").iterdir() if p.is_dir()) != classes:
+        raise UserError(f"{root / 'test'} must hold the same class folders as {root / 'train'}.")
+    out, unreadable = {"class_names": classes}, []
+    for split in ("train", "test"):
+        images, labels = [], []
+        for label, name in enumerate(classes):
+            for path in sorted((root / split / name).iterdir()):
+                if path.suffix.lower() not in IMAGE_SUFFIXES:
+                    continue
+                try:
+                    with Image.open(path) as img:
+                        x = torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1)  # (3, H, W)
+                except (OSError, ValueError, SyntaxError):  # what Pillow raises for unreadable or broken files
+                    unreadable.append(str(path))
+                    continue
+                x = F.interpolate(x[None].float(), size=(img_size, img_size), mode="bilinear", antialias=True)
+                images.append(x.round().clamp(0, 255).to(torch.uint8)[0])
+                labels.append(label)
+        if not images and not unreadable:
+            raise UserError(f"{root / split} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
+        out[f"{split}_x"] = torch.stack(images) if images else torch.empty(0, 3, img_size, img_size, dtype=torch.uint8)
+        out[f"{split}_y"] = torch.tensor(labels, dtype=torch.int64)
+    if unreadable:
+        raise UserError(f"{len(unreadable)} file(s) cannot be read as images: {', '.join(unreadable)}.")
+    return out
+
+
+def make_synthetic(seed: int, train_per_class: int = 100, test_per_class: int = 20) -> dict:
+    """A learnable, CIFAR-shaped offline dataset: 100 classes in 20 coarse groups of 5.
+
+    Class c's prototype is its coarse group's low-frequency pattern plus its own finer pattern, so classes of
+    a group look alike (as CIFAR-100's superclasses do); each sample gets its own random shift of up to 2
+    pixels, a random contrast and pixel noise.
+    """
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(20, 3, 4, 4, generator=g)  # one pattern per coarse group
+    fine = torch.rand(CIFAR_CLASSES, 3, 8, 8, generator=g)
+    up = lambda t: F.interpolate(t, size=32, mode="bilinear", align_corners=False)
+    protos = 0.55 * up(coarse)[torch.arange(CIFAR_CLASSES) // 5] + 0.45 * up(fine)  # (100, 3, 32, 32)
+
+    def sample(n: int) -> tuple[Tensor, Tensor]:
+        y = torch.arange(CIFAR_CLASSES).repeat_interleave(n)
+        shifts = torch.randint(-2, 3, (len(y), 2), generator=g)  # (N, 2): one (dy, dx) per image
+        rows = (torch.arange(32)[None] - shifts[:, :1]) % 32  # (N, 32): a roll by dy, as an index
+        cols = (torch.arange(32)[None] - shifts[:, 1:]) % 32
+        x = protos[y][torch.arange(len(y))[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (N, 32, 32, 3)
+        x = x.permute(0, 3, 1, 2) * (0.8 + 0.4 * torch.rand(len(y), 1, 1, 1, generator=g))
+        x = x + 0.12 * torch.randn(x.shape, generator=g)
+        return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
+
+    (train_x, train_y), (test_x, test_y) = sample(train_per_class), sample(test_per_class)
+    return {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y,
+            "class_names": [f"synthetic_{c}" for c in range(CIFAR_CLASSES)]}
+
+
+def class_order(class_seed: int, n: int = CIFAR_CLASSES) -> list[int]:
+    """PyCIL/PILOT convention; for CIFAR-100, seed 1993 begins 68, 56, 78, 8, 23, 84, 90, 65, 74, 76."""
+    return np.random.RandomState(class_seed).permutation(n).tolist()
+
+
+@dataclass
+class SplitData:
+    """Images stay uint8 on the training device; labels are relabelled so task t owns [t*c, (t+1)*c)."""
+
+    train_x: Tensor  # (N, 3, S, S) uint8
+    train_y: Tensor  # (N,) int64, position of the class in the class order
+    test_x: Tensor
+    test_y: Tensor
+    classes_per_task: int
+    order: list[int]
+    class_names: list[str]  # in class order
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.order)
+
+    def task_range(self, task: int) -> tuple[int, int]:
+        return task * self.classes_per_task, (task + 1) * self.classes_per_task
+
+    def train_indices(self, task: int) -> Tensor:
+        lo, hi = self.task_range(task)
+        return ((self.train_y >= lo) & (self.train_y < hi)).nonzero().squeeze(1)
+
+
+def split_data(raw: dict, *, order: list[int], tasks: int, train_per_class: int, device: torch.device) -> SplitData:
+    n = len(order)
+    relabel = torch.empty(n, dtype=torch.int64)
+    relabel[torch.tensor(order)] = torch.arange(n)
+    train_x, train_y = raw["train_x"], relabel[raw["train_y"]]
+    if train_per_class:
+        keep = torch.cat([(train_y == c).nonzero().squeeze(1)[:train_per_class] for c in range(n)]).sort().values
+        train_x, train_y = train_x[keep], train_y[keep]
+    return SplitData(train_x.to(device), train_y.to(device), raw["test_x"].to(device), relabel[raw["test_y"]].to(device),
+                     n // tasks, order, [raw["class_names"][c] for c in order])
+
+
+def load_data(args: CLArgs, img_size: int, device: torch.device) -> SplitData:
+    if args.dataset == "synthetic":
+        raw = make_synthetic(args.seed, args.train_per_class or 100)
+    elif args.dataset == "folder":
+        raw = read_image_folder(Path(args.data_root), img_size)
+    else:
+        raw = load_cifar100(args.data_root)
+    n = len(raw["class_names"])
+    if n % args.tasks:
+        divisors = [d for d in range(2, n + 1) if n % d == 0]
+        raise UserError(f"--tasks {args.tasks} does not divide the {n} classes of {args.data_root}; use one of "
+                        f"{', '.join(map(str, divisors))}.")
+    return split_data(raw, order=class_order(args.class_seed, n), tasks=args.tasks,
+                      train_per_class=args.train_per_class, device=device)
+
+
+def crop_flip(x: Tensor, oy: Tensor, ox: Tensor, flip: Tensor, pad: int) -> Tensor:
+    """Crop each zero-padded image at its offset (oy, ox) and mirror it where flip is set, in one gather."""
+    B, C, H, W = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))  # (B, C, H+2p, W+2p)
+    rows = oy[:, None] + torch.arange(H, device=x.device)  # (B, H)
+    cols = ox[:, None] + torch.arange(W, device=x.device)  # (B, W)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    out = padded[torch.arange(B, device=x.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+    return out.permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
+
+
+def augment(x: Tensor, gen: torch.Generator) -> Tensor:
+    """Random crop (zero padding of 1/8 of the side: 4 px on CIFAR) and horizontal flip, on the batch's device."""
+    B, pad = x.shape[0], max(1, x.shape[-1] // 8)
+    oy, ox = torch.randint(0, 2 * pad + 1, (2, B), generator=gen, device=x.device)
+    flip = torch.rand(B, generator=gen, device=x.device) < 0.5
+    return crop_flip(x, oy, ox, flip, pad)
+
+
+def to_model_input(x: Tensor, img_size: int, normalize: str) -> Tensor:
+    """uint8 (B, 3, s, s) -> float (B, 3, S, S): resized bilinearly to the backbone's input, normalised."""
+    x = x.float() / 255
+    if x.shape[-1] != img_size:
+        x = F.interpolate(x, size=img_size, mode="bilinear", align_corners=False)
+    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in NORMALIZATION[normalize])
+    return (x - mean) / std
+
+
+class TaskBatches:
+    """A task's training data as the loop serves it to the model and to the method.
+
+    Iterating gives one epoch: the task's images in a fresh random order, augmented, model-ready (float,
+    resized, normalised), with labels local to the task (0..c-1). `classes` is the task's range of global
+    class indices; len() is the number of steps per epoch.
+    """
+
+    def __init__(self, data: SplitData, task: int, *, batch_size: int, img_size: int, normalize: str,
+                 gen: torch.Generator, device_gen: torch.Generator):
+        self.data, self.indices, self.classes = data, data.train_indices(task), range(*data.task_range(task))
+        self.batch_size, self.img_size, self.normalize = batch_size, img_size, normalize
+        self.gen, self.device_gen = gen, device_gen
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.indices) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        idx = self.indices[torch.randperm(len(self.indices), generator=self.gen).to(self.indices.device)]
+        for s in range(0, len(idx), self.batch_size):
+            b = idx[s:s + self.batch_size]
+            x = to_model_input(augment(self.data.train_x[b], self.device_gen), self.img_size, self.normalize)
+            yield x, self.data.train_y[b] - self.classes.start
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The model a run trains
+
+
+def backbone_config(args: CLArgs) -> tuple[ViTConfig, dict[str, Tensor] | None, str]:
+    """The ViT shape the flags ask for, its weights (None: random) and where they come from, in words."""
+    backbone = args.backbone
+    if backbone == "auto" and args.weights in ("auto", "random"):
+        backbone = "vit_small_cifar" if args.dataset == "synthetic" else "vit_b_16"
+    state, source = None, "random initialisation"
+    try:
+        if args.weights not in ("auto", "random"):
+            state, source = read_weights_file(args.weights), args.weights
+        elif args.weights == "auto" and backbone in TORCHVISION_WEIGHTS:
+            state = torchvision_weights(backbone)
+            source = f"torchvision {TORCHVISION_WEIGHTS[backbone]}.IMAGENET1K_V1"
+        if backbone == "auto":  # the shape comes from the file
+            cfg = config_from_state_dict(state, img_size=args.img_size or 224, heads=args.heads)
+        else:
+            cfg = replace(PRESETS[backbone], img_size=args.img_size or PRESETS[backbone].img_size,
+                          heads=args.heads or PRESETS[backbone].heads)
+    except WeightsError as e:
+        raise UserError(f"--weights {args.weights}: {e}" if state is not None else str(e)) from None
+    if cfg.img_size % cfg.patch or cfg.dim % cfg.heads:
+        raise UserError(f"--img-size {cfg.img_size} must be a multiple of the patch size {cfg.patch}, and "
+                        f"--heads {cfg.heads} must divide the width {cfg.dim}.")
+    return cfg, state, source
+
+
+def build_model(cfg: ViTConfig, state: dict[str, Tensor] | None, num_classes: int, weights: str) -> ViT:
+    """The backbone with its weights (random: from the global seed) and a fresh head of num_classes rows."""
+    model = ViT(cfg, num_classes=num_classes)
+    if state is not None:
+        try:
+            load_backbone_(model, state)
+        except WeightsError as e:
+            raise UserError(f"--weights {weights}: {e}") from None
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Metrics: a[t][j] = accuracy (percent) on task j's test classes after training task t
+
+
+def cl_metrics(acc: Sequence[Sequence[float]], sizes: Sequence[int] | None = None) -> dict:
+    """A_t, A_last, A_avg, forgetting and BWT of a T x T lower-triangular accuracy matrix (percent).
+
+    A_t weighs the tasks by their test-set sizes (equal by default), as the accuracy on the whole seen
+    test set does. Forgetting_j = max_{j <= l < T-1} a[l][j] - a[T-1][j]; BWT_j = a[T-1][j] - a[j][j].
+    """
+    T = len(acc)
+    sizes = list(sizes) if sizes is not None else [1] * T
+    A = [sum(acc[t][j] * sizes[j] for j in range(t + 1)) / sum(sizes[: t + 1]) for t in range(T)]
+    old = range(T - 1)
+    forgetting = [max(acc[l][j] for l in range(j, T - 1)) - acc[T - 1][j] for j in old]
+    bwt = [acc[T - 1][j] - acc[j][j] for j in old]
+    mean = lambda xs: sum(xs) / len(xs) if xs else 0.0
+    return {"A_t": A, "A_last": A[-1], "A_avg": mean(A), "forgetting": mean(forgetting), "BWT": mean(bwt)}
+
+
+def task_logits(model: ViT, x: Tensor, classes: range) -> Tensor:
+    """Logits of one task's classes only: the masked cross-entropy's input (old head rows get no gradient)."""
+    feats = model.forward_features(x)  # (B, D)
+    return F.linear(feats, model.head.weight[classes.start:classes.stop],
+                    model.head.bias[classes.start:classes.stop]).float()  # (B, c)
+
+
+@torch.no_grad()
+def evaluate(model: ViT, data: SplitData, seen: int, *, batch_size: int, img_size: int, normalize: str,
+             amp: bool) -> list[float]:
+    """Accuracy (percent) on each seen task's test classes, predicting among all seen classes (no task id)."""
+    model.eval()
+    hi = seen * data.classes_per_task
+    idx = (data.test_y < hi).nonzero().squeeze(1)
+    correct = torch.zeros(seen, dtype=torch.int64, device=data.test_y.device)
+    for s in range(0, len(idx), batch_size):
+        b = idx[s:s + batch_size]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            logits = task_logits(model, to_model_input(data.test_x[b], img_size, normalize), range(hi))
+        y = data.test_y[b]
+        hit = logits.argmax(1) == y
+        correct += torch.bincount(y[hit] // data.classes_per_task, minlength=seen)
+    sizes = torch.bincount(data.test_y[idx] // data.classes_per_task, minlength=seen)
+    model.train()
+    return (100.0 * correct / sizes).tolist()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What a method plugs into the loop
+
+
+class Method:
+    """A continual-learning method, as the loop drives it. The model is given to __init__; hooks get the rest.
+
+    Per task: begin_task -> per step [penalty -> backward -> after_backward -> optimizer step] -> end_epoch
+    after each epoch -> end_task (consolidate). Every hook but begin_task may be left as is.
+    """
+
+    def begin_task(self, task: int, batches: TaskBatches) -> list[nn.Parameter]:
+        """Prepare the model for `task`; return the parameters to train. len(batches) is steps per epoch."""
+        raise NotImplementedError
+
+    def penalty(self, task_loss: Tensor) -> Tensor | None:
+        """An extra loss term for this step (task_loss: the step's masked cross-entropy), or None."""
+        return None
+
+    def after_backward(self) -> None:
+        """Edit gradients before the optimizer step."""
+
+    def end_epoch(self, epoch: int) -> None:
+        """Called after each epoch (0-based) of each task."""
+
+    def end_task(self, task: int, batches: TaskBatches, log: Callable[[str], None]) -> dict:
+        """Consolidate after a task (batches: the task's data, for methods that optimise a merge); return what
+        results.json should record for the task."""
+        return {}
+
+    def stored_tensors(self) -> list[Tensor]:
+        """The tensors the method keeps between tasks beyond the backbone and the head."""
+        return []
+
+    def summary(self) -> dict:
+        """Method state worth recording in results.json."""
+        return {}
+
+    def state_dict(self) -> dict:
+        """What the method keeps between tasks, for the checkpoint (tensors, lists, numbers only)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore state_dict()'s output, after __init__ on the freshly built model."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The training loop
+
+
+def train_task(model: ViT, method: Method, batches: TaskBatches, *, epochs: int, lr: float, task: int, tasks: int,
+               clock: dict, log: Callable[[str], None]) -> int:
+    """Train one task with the masked cross-entropy plus the method's hooks; one log line per epoch.
+
+    Returns the number of parameters trained.
+    """
+    params = method.begin_task(task, batches)
+    opt = torch.optim.Adam(params, lr=lr)
+    device = batches.data.train_x.device
+    amp = device.type == "cuda"
+    model.train()
+    for epoch in range(epochs):
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)  # summed on the device: no per-step host sync
+        hits = torch.zeros((), dtype=torch.int64, device=device)
+        first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # first non-finite step
+        seen = 0
+        for step, (x, y) in enumerate(batches):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                logits = task_logits(model, x, batches.classes)  # (B, c)
+            loss = F.cross_entropy(logits, y)
+            penalty = method.penalty(loss)
+            opt.zero_grad(set_to_none=True)
+            (loss if penalty is None else loss + penalty).backward()
+            method.after_backward()
+            opt.step()
+            loss_sum += loss.detach() * len(y)
+            hits += (logits.argmax(1) == y).sum()
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
+            seen += len(y)
+        mean_loss = loss_sum.item() / seen  # one host sync per epoch
+        if not math.isfinite(mean_loss):
+            raise UserError(f"the loss became non-finite at task {task + 1}, epoch {epoch + 1}, step "
+                            f"{first_bad.item() + 1}; checkpoint.pt keeps the last finished task, and a lower "
+                            "--lr may help.")
+        method.end_epoch(epoch)
+        dt = time.perf_counter() - t0
+        clock["epochs_done"] += 1
+        left = (time.perf_counter() - clock["start"]) / clock["epochs_done"] * (clock["epochs_total"] - clock["epochs_done"])
+        log(f"task {task + 1}/{tasks} epoch {epoch + 1}/{epochs}  loss {mean_loss:.4f}  "
+            f"train acc {100 * hits.item() / seen:5.1f}%  {seen / dt:7.1f} img/s  left ~{format_seconds(left)}")
+    return sum(p.numel() for p in params)
+
+
+def format_seconds(s: float) -> str:
+    return f"{s / 3600:.1f}h" if s >= 3600 else f"{s / 60:.1f}m" if s >= 60 else f"{s:.0f}s"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Files of a run: log.txt, results.json, accuracy.png, checkpoint.pt
+
+
+def readable_json(obj, depth: int = 0) -> str:
+    """JSON with one key per line and every list of plain values (a row of the matrix) on one line."""
+    pad = " " * depth
+    if isinstance(obj, dict) and obj:
+        items = ",\n".join(f"{pad} {json.dumps(k)}: {readable_json(v, depth + 1)}" for k, v in obj.items())
+        return "{\n" + items + "\n" + pad + "}"
+    if isinstance(obj, list) and any(isinstance(v, (dict, list)) for v in obj):
+        return "[\n" + ",\n".join(pad + " " + readable_json(v, depth + 1) for v in obj) + "\n" + pad + "]"
+    return json.dumps(obj)
+
+
+def write_atomic(path: Path, write: Callable[[object], None], mode: str = "w") -> None:
+    """Write to a temporary file in the same folder, flush to disk, then rename over `path`: a crash at any
+    moment leaves either the old or the new file, never a broken one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, mode) as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class RunLog:
+    """Prints each line (flushed) and appends it to out/log.txt; the file is opened at the first line."""
+
+    def __init__(self, out: Path, prefix: str):
+        self.path, self.prefix, self.file = out / "log.txt", prefix, None
+
+    def __call__(self, line: str) -> None:
+        print(self.prefix + line, flush=True)
+        self.write(self.prefix + line)
+
+    def write(self, line: str) -> None:
+        """To the file only (errors, which main_guard prints on stderr)."""
+        if self.file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, "a")
+        self.file.write(line + "\n")
+        self.file.flush()
+
+
+def plot_accuracy(results: dict, path: Path) -> str:
+    """accuracy.png: the accuracy matrix as a heatmap and A_t per task. Returns a line for the log."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "no accuracy.png: matplotlib is not installed (pip install matplotlib)."
+    acc = np.array([[np.nan if v is None else v for v in row] for row in results["accuracy_matrix"]])
+    T = acc.shape[1]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    image = left.imshow(acc, vmin=0, vmax=100, cmap="viridis")
+    left.set(title="a[t][j]: accuracy on task j after task t", xlabel="task j", ylabel="after task t",
+             xticks=range(T), xticklabels=range(1, T + 1), yticks=range(len(acc)), yticklabels=range(1, len(acc) + 1))
+    fig.colorbar(image, ax=left, label="%")
+    A = results["metrics"]["A_t"]
+    right.plot(range(1, len(A) + 1), A, marker="o")
+    right.set(title=f"A_t (A_last {A[-1]:.1f}%)", xlabel="task t", ylabel="accuracy on all seen classes (%)",
+              ylim=(0, 100), xticks=range(1, T + 1))
+    fig.suptitle(f"{results['method']} on {results['config']['dataset']}, {T} tasks"
+                 + (" (synthetic data)" if results["synthetic_data"] else ""))
+    fig.tight_layout()
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100), mode="wb")
+    plt.close(fig)
+    return f"plot: {path}"
+
+
+CHECKPOINT = "checkpoint.pt"
+# Every other setting must match the checkpoint's. --batch-size may change so that an out-of-memory run can go
+# on with a smaller batch (the result then differs from an uninterrupted run).
+FREE_ON_RESUME = ("out", "resume", "data_root", "device", "batch_size")
+
+
+def default_out(args: CLArgs, name: str) -> Path:
+    """runs/<method>-<dataset>-T<tasks>-seed<seed>-<hash>: different settings never share a folder."""
+    fixed = {k: v for k, v in asdict(args).items() if k not in FREE_ON_RESUME}
+    digest = hashlib.sha1(json.dumps(fixed, sort_keys=True).encode()).hexdigest()[:8]
+    return Path("runs") / f"{name}-{args.dataset}-T{args.tasks}-seed{args.seed}-{digest}"
+
+
+def mutable_state(model: ViT) -> dict[str, Tensor]:
+    """What training changes: every LoRA layer (its base weight too: HAM and TRM fold into it) and the head.
+
+    The rest of the backbone is frozen and is rebuilt from its source (seeded init or weights) on resume.
+    """
+    prefixes = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, LoRALinear)) + ("head.",)
+    return {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
+
+
+def load_checkpoint(path: Path, args: CLArgs, name: str, device: torch.device) -> dict:
+    """Read a checkpoint with weights_only=True and refuse one made by another method or other settings."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        saved = state["config"]
+    except Exception:
+        raise UserError(f"{path} is corrupt or truncated; delete it to start afresh, or choose another --out."
+                        ) from None
+    if state.get("method") != name:
+        raise UserError(f"{path} is a checkpoint of {state.get('method')}, not {name}; choose another --out.")
+    for key, value in asdict(args).items():
+        if key not in FREE_ON_RESUME and saved.get(key) != value:
+            raise UserError(f"{path} was made with --{key.replace('_', '-')} {saved.get(key)}, not {value}; "
+                            "resume with the same settings or choose another --out.")
+    if state["device_type"] != device.type:
+        raise UserError(f"{path} was made on {state['device_type']}, not {device.type}; resume on the same kind "
+                        "of device.")
+    return state
+
+
+def peak_memory(device: torch.device) -> dict:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    out = {"peak_host_rss_bytes": rss}
+    if device.type == "cuda":
+        out["peak_cuda_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+    return out
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a run; the message says what was kept."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A whole run
+
+
+def run_continual(args: CLArgs, make_method: Callable[[ViT, CLArgs], Method], name: str) -> dict:
+    """Data, backbone, then T tasks of training + consolidation + evaluation, with a checkpoint after each.
+
+    results.json and checkpoint.pt are rewritten atomically after every task, so a crash loses at most the
+    task in progress; --resume continues from the checkpoint and ends bit-for-bit where an uninterrupted run
+    ends (on the CPU).
+    """
+    out = Path(args.out) if args.out else default_out(args, name)
+    args = replace(args, out=str(out))
+    ckpt = out / CHECKPOINT
+    if ckpt.exists() and not args.resume:
+        raise UserError(f"{out} already holds a checkpoint; pass --resume to continue that run, or choose "
+                        "another --out.")
+    if args.resume and not ckpt.exists():
+        raise UserError(f"--resume: {out} holds no {CHECKPOINT}; check --out, or drop --resume to start a new run.")
+    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    state = load_checkpoint(ckpt, args, name, device) if args.resume else None
+    synthetic = args.dataset == "synthetic"
+    log = RunLog(out, "[synthetic data] " if synthetic else "")
+    try:
+        return _run(args, make_method, name, out, device, state, log)
+    except UserError as e:
+        if log.file is not None or out.is_dir():
+            log.write(f"error: {e}")
+        raise
+    except KeyboardInterrupt:
+        done = len(torch.load(ckpt, weights_only=True)["accuracy_matrix"]) if ckpt.exists() else 0
+        log.write("interrupted")
+        raise Interrupted(f"interrupted; {out}/results.json holds the {done} finished task(s): rerun the same "
+                          "command with --resume to continue." if done else
+                          "interrupted before the first task finished; nothing was kept.") from None
+
+
+def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, state: dict | None,
+         log: RunLog) -> dict:
+    seed_everything(args.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    cfg, state_dict, source = backbone_config(args)  # before the data: a bad weights file fails fast
+    data = load_data(args, cfg.img_size, device)
+    model = build_model(cfg, state_dict, data.num_classes, args.weights)
+    add_lora_(model, args.targets.split(","), args.rank, args.lora_alpha)
+    model.to(device)
+    method = make_method(model, args)
+
+    log(f"{name}: ViT {cfg.dim}-wide, {cfg.depth} blocks, patch {cfg.patch}, {cfg.img_size} px ({source}) on "
+        f"{'synthetic data' if args.dataset == 'synthetic' else args.dataset}, {args.tasks} tasks of "
+        f"{data.classes_per_task} classes, {len(data.train_y)} training images, device {device}")
+    log(f"class order (class seed {args.class_seed}): {data.order}")
+    log(f"config: {json.dumps(asdict(args))}")
+
+    gen, device_gen = run_generators(args.seed, device)
+    acc: list[list[float | None]] = []
+    per_task: list[dict] = []
+    trainable, earlier_seconds, train_seconds = 0, 0.0, 0.0
+    if state is not None:
+        model.load_state_dict(state["model"], strict=False)
+        method.load_state_dict(state["method_state"])
+        torch.set_rng_state(state["rng"]["torch"])
+        gen.set_state(state["rng"]["batches"])
+        device_gen.set_state(state["rng"]["augment"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        acc, per_task, trainable = state["accuracy_matrix"], state["tasks"], state["trainable_params"]
+        earlier_seconds, train_seconds = state["wall_seconds"], state["train_seconds"]
+        log(f"resumed from {out / CHECKPOINT}: {len(acc)} of {args.tasks} tasks already done")
+    clock = {"start": time.perf_counter(), "epochs_done": 0, "epochs_total": (args.tasks - len(acc)) * args.epochs}
+
+    def results() -> dict:
+        seen = len(acc)
+        return {
+            "method": name, "finished": seen == args.tasks, "synthetic_data": args.dataset == "synthetic",
+            "out": str(out), "config": asdict(args), "vit": asdict(cfg), "backbone_weights": source,
+            "class_order": data.order, "class_names": data.class_names,
+            "metrics": cl_metrics([r[:seen] for r in acc]), "accuracy_matrix": acc,
+            "wall_seconds": earlier_seconds + time.perf_counter() - start, "train_seconds": train_seconds,
+            **peak_memory(device), "trainable_params": trainable,
+            "stored_params": sum(t.numel() for t in method.stored_tensors()),
+            **method.summary(), "tasks": per_task,
+        }
+
+    try:
+        for task in range(len(acc), args.tasks):
+            t_task = time.perf_counter()
+            batches = TaskBatches(data, task, batch_size=args.batch_size, img_size=cfg.img_size,
+                                  normalize=args.normalize, gen=gen, device_gen=device_gen)
+            trainable = train_task(model, method, batches, epochs=args.epochs, lr=args.lr, task=task,
+                                   tasks=args.tasks, clock=clock, log=log)
+            t0 = time.perf_counter()
+            info = method.end_task(task, batches, log)
+            info["consolidate_seconds"] = time.perf_counter() - t0
+            train_seconds += time.perf_counter() - t_task  # training and consolidation, not evaluation
+            stored = method.stored_tensors()
+            info["stored_tensors"], info["stored_params"] = len(stored), sum(t.numel() for t in stored)
+            per_task.append(info)
+            row = evaluate(model, data, task + 1, batch_size=2 * args.batch_size, img_size=cfg.img_size,
+                           normalize=args.normalize, amp=device.type == "cuda")
+            acc.append(row + [None] * (args.tasks - task - 1))
+            A_t = cl_metrics([r[: task + 1] for r in acc])["A_t"][-1]
+            log(f"task {task + 1}/{args.tasks} done: A_t {A_t:.2f}%  per task [{', '.join(f'{a:.1f}' for a in row)}]")
+            rng = {"torch": torch.get_rng_state(), "batches": gen.get_state(), "augment": device_gen.get_state()}
+            if device.type == "cuda":
+                rng["cuda"] = torch.cuda.get_rng_state(device)
+            checkpoint = {
+                "method": name, "config": asdict(args), "device_type": device.type,
+                "model": mutable_state(model), "method_state": method.state_dict(), "rng": rng,
+                "accuracy_matrix": acc, "tasks": per_task, "trainable_params": trainable,
+                "wall_seconds": earlier_seconds + time.perf_counter() - start, "train_seconds": train_seconds}
+            write_atomic(out / CHECKPOINT, lambda f: torch.save(checkpoint, f), mode="wb")
+            write_atomic(out / "results.json", lambda f: f.write(readable_json(results())))
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(f"the GPU ran out of memory at --batch-size {args.batch_size}; try --batch-size "
+                        f"{max(1, args.batch_size // 2)} with --resume.") from None
+    final = results()
+    write_atomic(out / "results.json", lambda f: f.write(readable_json(final)))
+    m = final["metrics"]
+    log(f"done in {format_seconds(final['wall_seconds'])}: A_last {m['A_last']:.2f}%  A_avg {m['A_avg']:.2f}%  "
+        f"forgetting {m['forgetting']:.2f}  BWT {m['BWT']:.2f}  -> {out / 'results.json'}")
+    log(plot_accuracy(final, out / "accuracy.png"))
+    return final
+
+
+def main_guard(main: Callable[[], object]) -> None:
+    """Run a script's main: user errors become one sentence and exit code 1, never a traceback."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("interrupted before the run started; nothing was written.", file=sys.stderr)
+        sys.exit(130)
