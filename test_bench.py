@@ -19,12 +19,12 @@ HERE = Path(__file__).parent
 
 def test_method_comparison_runs_every_method(tmp_path):
     proc = subprocess.run([sys.executable, "bench.py", "--preset", "tiny", "--seeds", "2", "--device", "cpu",
-                           "--out", str(tmp_path)],
+                           "--jobs", "2", "--out", str(tmp_path)],
                           cwd=HERE, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "bench.json").read_text())
     rows = report["methods"]["rows"]
-    assert [r["method"] for r in rows] == list(bench.METHODS)
+    assert [r["method"] for r in rows] == list(bench.SETS["methods"])
     for r in rows:
         assert r["seeds"] == 2 and 0 <= r["A_last"][0] <= 100 and r["A_last"][1] >= 0
         assert r["train_seconds"][0] > 0 and r["inference_images_per_second"][0] > 0
@@ -32,6 +32,7 @@ def test_method_comparison_runs_every_method(tmp_path):
     assert by["Joint LoRA (upper bound)"]["forgetting"] is None  # one task: nothing to forget
     assert by["HAM"]["stored_params"] > 0 and by["TRM"]["stored_params"] > 0
     assert "| HAM | 4 |" in proc.stdout and " ± " in proc.stdout and (tmp_path / "methods_tiny.md").exists()
+    assert "2 job(s) at a time" in proc.stdout
     assert "plot:" in proc.stdout or "matplotlib is not installed" in proc.stdout
 
 
