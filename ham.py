@@ -4,10 +4,10 @@ Paper: https://arxiv.org/abs/2509.13211 (no public code; what the paper leaves o
 listed in the README, deviations 6-10).
 
 The method in five lines:
-  1. Each task t trains a fresh LoRA adapter tau_t and one importance scalar alpha_t.
+  1. Each task t trains a fresh LoRA adapter tau_t whose scale is its learned importance scalar alpha_t.
   2. The task's delta alpha_t * tau_t is pruned to its largest-magnitude entries and rescaled to keep its norm.
   3. It joins the most similar of at most G groups (mean layer-wise cosine), or opens a new group.
-  4. Inside a group, members merge by an importance-weighted mean; across groups the deltas add.
+  4. A group's delta is the sum of its members, re-pruned to the same entry budget; across groups they add.
   5. Everything folds into the frozen weights, so inference costs exactly the backbone.
 
 Run:  python ham.py --tasks 20                                   (GPU: CIFAR-100, ViT-B/16 ImageNet weights)
@@ -32,11 +32,15 @@ from lora_vit import ViT, lora_layers, lora_parameters
 class Args(CLArgs):
     """HAM's flags on top of the shared protocol."""
 
-    density: float = arg(0.2, "fraction of each task delta's entries kept by magnitude pruning (1: no pruning)")
+    density: float = arg(0.5, "fraction of entries kept by magnitude pruning, of each task delta and of each "
+                              "group delta (1: no pruning, and then the grouping changes nothing)")
     groups: int = arg(5, "maximum number of groups G_max (= --tasks: no merging, every task its own group)")
-    threshold: float = arg(0.3, "cosine below which a task opens a new group while groups are free")
-    merge: str = arg("mean", "inside a group: importance-weighted mean, or sum (task arithmetic)",
-                     choices=("mean", "sum"))
+    threshold: float = arg(0.05, "cosine at or above which a task joins its most similar group rather than "
+                                 "open a new one while groups are free")
+    importance: str = arg("learned", "learned: the adapter's scale is a learned scalar alpha_t (B at unit norm); "
+                                     "fixed: a plain LoRA, alpha_t = 1 (ablation)", choices=("learned", "fixed"))
+    grouping: str = arg("similarity", "how a task chooses its group: by similarity, or at random (ablation)",
+                        choices=("similarity", "random"))
 
     def problem(self) -> str | None:
         if not 0 < self.density <= 1:
@@ -76,8 +80,9 @@ def mean_cosine(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> float:
     return torch.stack(cos).mean().item()
 
 
-def choose_group(similarities: Sequence[float], *, max_groups: int, threshold: float, tasks_left: int) -> int:
-    """Index of the group a new task joins; len(similarities) means 'open a new group' (step 3).
+def choose_group(similarities: Sequence[float], *, max_groups: int, threshold: float,
+                 tasks_left: int) -> tuple[int, str]:
+    """(index of the group a new task joins, why); index len(similarities) means 'open a new group' (step 3).
 
     A new group opens while fewer than max_groups exist and either no group is similar enough
     (best cosine < threshold) or there is a free group for every task still to come (tasks_left counts
@@ -85,52 +90,56 @@ def choose_group(similarities: Sequence[float], *, max_groups: int, threshold: f
     """
     # reconstructed: the free-slot clause makes 'G_max = T' the no-merging ablation (README, deviation 8).
     n = len(similarities)
-    if n < max_groups and (n == 0 or max(similarities) < threshold or max_groups - n >= tasks_left):
-        return n
-    return max(range(n), key=lambda g: similarities[g])
-
-
-def weighted_mean(deltas: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
-    """The batch formula of step 4: sum_i w_i p_i / sum_i w_i."""
-    return sum(w * d for w, d in zip(weights, deltas)) / sum(weights)
+    best = max(range(n), key=lambda g: similarities[g]) if n else -1
+    if n == 0:
+        return 0, "the first task opens a group"
+    if n < max_groups and max_groups - n >= tasks_left:
+        return n, f"a free group for each of the {tasks_left} tasks left"
+    if n < max_groups and similarities[best] < threshold:
+        return n, f"best cosine {similarities[best]:+.3f} < threshold {threshold:g}"
+    if n < max_groups:
+        return best, f"best cosine {similarities[best]:+.3f} >= threshold {threshold:g}"
+    return best, f"all {max_groups} groups taken; the most similar has cosine {similarities[best]:+.3f}"
 
 
 @dataclass(frozen=True)
 class Group:
-    """One group's running accumulators (step 4): nothing per member is stored.
-
-    mean: Delta_g = weighted_sum / weight, the importance-weighted mean with w_i = |alpha_i|;
-    sum: Delta_g = weighted_sum, with every w_i = 1 (task arithmetic).
-    """
+    """One group: its members and its delta, one (d, k) float32 tensor per LoRA layer (step 4)."""
 
     members: tuple[int, ...]  # task indices, 0-based
-    weighted_sum: tuple[Tensor, ...]  # sum_i w_i p_i^l, one (d, k) float32 tensor per LoRA layer
-    weight: float  # sum_i w_i
-
-    def delta(self, merge: str) -> list[Tensor]:
-        return list(self.weighted_sum) if merge == "sum" else [acc / self.weight for acc in self.weighted_sum]
+    delta: tuple[Tensor, ...]
 
 
-# reconstructed: w_i = |alpha_i| and the running-accumulator form of the group merge (README, deviation 9).
-def consolidate(deltas: Sequence[Tensor], importance: float, groups: Sequence[Group], *, task: int, density: float,
-                max_groups: int, threshold: float, tasks_left: int, merge: str) -> tuple[list[Group], int, list[float]]:
+def merge_into_group(group_delta: Sequence[Tensor], pruned: Sequence[Tensor], density: float) -> list[Tensor]:
+    """Step 4 inside a group: the members' deltas add, then the sum is re-pruned to the same entry budget and
+    rescaled to the sum's norm, so that a group stores and applies no more than one task does."""
+    # reconstructed: 'concatenated' read as a sum (no 1/n dilution); re-pruning is the group step (deviation 9).
+    return [rescale_to_norm(prune_by_magnitude(g + p, density), g + p) for g, p in zip(group_delta, pruned)]
+
+
+def consolidate(deltas: Sequence[Tensor], groups: Sequence[Group], *, task: int, density: float, max_groups: int,
+                threshold: float, tasks_left: int,
+                choice: int | None = None) -> tuple[list[Group], int, list[float], str]:
     """One task's consolidation, steps 2-4: prune and scale its deltas, choose a group, merge into it.
 
-    deltas: alpha_t * tau_t^l per LoRA layer. Returns (the new groups, the chosen group's index, the task's
-    similarity to each earlier group); the inputs are not modified.
+    deltas: alpha_t * tau_t^l per LoRA layer; choice: a group index chosen elsewhere (the random-grouping
+    ablation), else by similarity. Returns (the new groups, the chosen group's index, the task's similarity to
+    each earlier group, why that group); the inputs are not modified.
     """
     pruned = [rescale_to_norm(prune_by_magnitude(d.float(), density), d.float()) for d in deltas]  # step 2
-    similarities = [mean_cosine(pruned, g.delta(merge)) for g in groups]  # step 3
-    g = choose_group(similarities, max_groups=max_groups, threshold=threshold, tasks_left=tasks_left)
-    w = abs(importance) if merge == "mean" else 1.0
-    old = groups[g] if g < len(groups) else Group((), tuple(torch.zeros_like(p) for p in pruned), 0.0)
-    joined = Group(old.members + (task,), tuple(acc + w * p for acc, p in zip(old.weighted_sum, pruned)), old.weight + w)
-    return [*groups[:g], joined, *groups[g + 1:]], g, similarities
+    similarities = [mean_cosine(pruned, g.delta) for g in groups]  # step 3
+    g, why = choose_group(similarities, max_groups=max_groups, threshold=threshold, tasks_left=tasks_left)
+    if choice is not None:
+        g, why = choice, "random grouping"
+    if g == len(groups):
+        return [*groups, Group((task,), tuple(pruned))], g, similarities, why
+    joined = Group(groups[g].members + (task,), tuple(merge_into_group(groups[g].delta, pruned, density)))
+    return [*groups[:g], joined, *groups[g + 1:]], g, similarities, why
 
 
-def merged_delta(groups: Sequence[Group], merge: str) -> list[Tensor]:
+def merged_delta(groups: Sequence[Group]) -> list[Tensor]:
     """Step 4 across groups, the hierarchy's top: sum_g Delta_g per layer, so that W = W0 + sum_g Delta_g."""
-    return [sum(parts) for parts in zip(*(g.delta(merge) for g in groups))]
+    return [sum(parts) for parts in zip(*(g.delta for g in groups))]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -140,34 +149,44 @@ def merged_delta(groups: Sequence[Group], merge: str) -> list[Tensor]:
 class HAM(Method):
     """Hierarchical Adapter Merging: steps 1 and 5 here, steps 2-4 in consolidate()."""
 
-    def __init__(self, model: ViT, *, tasks: int, density: float, max_groups: int, threshold: float, merge: str):
+    def __init__(self, model: ViT, *, tasks: int, density: float, max_groups: int, threshold: float,
+                 importance: str, grouping: str):
         self.head = model.head
         self.layers = lora_layers(model)
         self.tasks = tasks
         self.density = density
         self.max_groups = max_groups
         self.threshold = threshold
-        self.merge = merge
+        self.learn_importance = importance == "learned"
+        self.random_grouping = grouping == "random"
         self.w0 = [layer.base.weight.detach().clone() for layer in self.layers]  # the frozen W0 of every layer
         self.groups: list[Group] = []
         self.importance: nn.Parameter | None = None
 
     def begin_task(self, task: int, batches: TaskBatches) -> list[nn.Parameter]:
-        # Step 1: a fresh adapter and importance scalar alpha_t = 1; the earlier groups are already in W.
-        # reconstructed: one alpha_t per task, shared by its LoRA layers, learned jointly (README, deviation 6).
-        self.importance = nn.Parameter(torch.ones((), device=self.w0[0].device))
+        # Step 1: a fresh adapter; the earlier groups are already in W.
         for layer in self.layers:
             layer.reset_adapter_()
-            layer.importance = self.importance
+        if not self.learn_importance:  # ablation: a plain LoRA, alpha_t = 1
+            return [*lora_parameters(self.layers), *self.head.parameters()]
+        # reconstructed: one alpha_t per task, shared by its layers, is the adapter's scale: B is used at unit
+        # norm and alpha_t starts at 0, so the fresh adapter changes nothing (README, deviation 6).
+        self.importance = nn.Parameter(torch.zeros((), device=self.w0[0].device))
+        for layer in self.layers:
+            nn.init.normal_(layer.B)
+            layer.importance, layer.unit_b = self.importance, True
         return [self.importance, *lora_parameters(self.layers), *self.head.parameters()]
 
     @torch.no_grad()
     def end_task(self, task: int, batches: TaskBatches, log: Callable[[str], None]) -> dict:
-        alpha = self.importance.item()
-        groups, g, similarities = consolidate(
-            [layer.delta() for layer in self.layers], alpha, self.groups, task=task, density=self.density,
-            max_groups=self.max_groups, threshold=self.threshold, tasks_left=self.tasks - task, merge=self.merge)
-        total = merged_delta(groups, self.merge)
+        alpha = self.importance.item() if self.learn_importance else 1.0
+        choice = None
+        if self.random_grouping:  # ablation: any existing group, or a new one while groups are free
+            choice = int(torch.randint(min(len(self.groups) + 1, self.max_groups), ()).item())
+        groups, g, similarities, why = consolidate(
+            [layer.delta() for layer in self.layers], self.groups, task=task, density=self.density,
+            max_groups=self.max_groups, threshold=self.threshold, tasks_left=self.tasks - task, choice=choice)
+        total = merged_delta(groups)
         if not all(torch.isfinite(t).all() for t in total):
             raise UserError(f"HAM's merged weights after task {task + 1} are not finite; lower --lr and rerun.")
         opened = g == len(self.groups)
@@ -175,31 +194,29 @@ class HAM(Method):
         # Step 5, W = W0 + sum_g Delta_g, recomputed from the kept W0 (no accumulated rounding; deviation 10).
         for layer, w0, t in zip(self.layers, self.w0, total):
             layer.base.weight.copy_(w0 + t)
-            layer.importance = None
+            layer.importance, layer.unit_b = None, False
             layer.reset_adapter_()
         log(f"  HAM: alpha={alpha:.3f}  similarities=[{', '.join(f'{s:+.3f}' for s in similarities)}]  "
-            f"-> group {g + 1}{' (new)' if opened else ''}  groups={self.summary()['groups']}")
-        return {"importance": alpha, "similarities": similarities, "group": g + 1}
+            f"-> {'opens' if opened else 'joins'} group {g + 1} ({why})  groups={self.summary()['groups']}")
+        return {"importance": alpha, "similarities": similarities, "group": g + 1, "opened": opened, "why": why}
 
     def stored_tensors(self) -> list[Tensor]:
-        return [*self.w0, *(t for g in self.groups for t in g.weighted_sum)]
+        return [*self.w0, *(t for g in self.groups for t in g.delta)]
 
     def summary(self) -> dict:
         return {"groups": [[m + 1 for m in g.members] for g in self.groups]}  # tasks counted from 1
 
     def state_dict(self) -> dict:  # W0 is not saved: __init__ reads it from the rebuilt backbone
-        return {"groups": [{"members": list(g.members), "weighted_sum": list(g.weighted_sum), "weight": g.weight}
-                           for g in self.groups]}
+        return {"groups": [{"members": list(g.members), "delta": list(g.delta)} for g in self.groups]}
 
     def load_state_dict(self, state: dict) -> None:
         device = self.w0[0].device
-        self.groups = [Group(tuple(s["members"]), tuple(t.to(device) for t in s["weighted_sum"]), s["weight"])
-                       for s in state["groups"]]
+        self.groups = [Group(tuple(s["members"]), tuple(t.to(device) for t in s["delta"])) for s in state["groups"]]
 
 
 def make_method(model: ViT, args: Args) -> HAM:
     return HAM(model, tasks=args.tasks, density=args.density, max_groups=args.groups, threshold=args.threshold,
-               merge=args.merge)
+               importance=args.importance, grouping=args.grouping)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -36,7 +36,8 @@ class LoRALinear(nn.Module):
     """y = W0 x + b + g * (lora_alpha / r) * B A x, with A (r, k) Kaiming-uniform and B (d, r) zero.
 
     The base linear is frozen. `importance` (g) is an optional scalar parameter a method may attach; without
-    it g = 1. Folding the adapter into the base weight is an explicit call, `fold_()`, never a side effect.
+    it g = 1. With `unit_b` set, B is used at unit Frobenius norm, B / |B|_F, so that g alone carries the
+    adapter's scale. Folding the adapter into the base weight is an explicit call, `fold_()`, never a side effect.
     """
 
     def __init__(self, base: nn.Linear, rank: int, lora_alpha: float):
@@ -48,6 +49,7 @@ class LoRALinear(nn.Module):
         self.A = nn.Parameter(torch.empty(rank, k, device=base.weight.device))
         self.B = nn.Parameter(torch.empty(d, rank, device=base.weight.device))
         self.register_parameter("importance", None)
+        self.unit_b = False
         self.reset_adapter_()
 
     @torch.no_grad()
@@ -56,19 +58,23 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         self.B.zero_()
 
+    def _b(self) -> Tensor:
+        return self.B / torch.linalg.matrix_norm(self.B) if self.unit_b else self.B
+
     def delta(self) -> Tensor:
         """The adapter's weight update g * (lora_alpha / r) B A, shape (d, k)."""
-        d = self.scale * (self.B @ self.A)
+        d = self.scale * (self._b() @ self.A)
         return d if self.importance is None else self.importance * d
 
     @torch.no_grad()
     def fold_(self) -> None:
-        """W0 <- W0 + delta, then B <- 0: the same outputs, the adapter emptied."""
+        """W0 <- W0 + delta, then B <- 0 (and unit_b off): the same outputs, the adapter emptied."""
         self.base.weight.add_(self.delta().to(self.base.weight.dtype))
         self.B.zero_()
+        self.unit_b = False
 
     def forward(self, x: Tensor) -> Tensor:
-        lora = F.linear(F.linear(x, self.A), self.B) * self.scale  # (..., r) then (..., d)
+        lora = F.linear(F.linear(x, self.A), self._b()) * self.scale  # (..., r) then (..., d)
         if self.importance is not None:
             lora = lora * self.importance
         return self.base(x) + lora

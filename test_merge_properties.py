@@ -44,58 +44,35 @@ def test_rescale_restores_the_unpruned_norm(seed, d, k, rho):
     assert torch.equal(s != 0, ham.prune_by_magnitude(x, rho) != 0)  # scaling keeps the support
 
 
-# ---- weighted mean and running accumulators
-
-members = st.integers(1, 6)
-weights = st.lists(st.floats(0.05, 5.0), min_size=1, max_size=6)
+# ---- the group step
 
 
-def deltas_for(seed: int, n: int, d: int = 4, k: int = 3) -> list[torch.Tensor]:
-    return [randn(seed + i, d, k) for i in range(n)]
+@given(seeds, dims, dims, densities)
+def test_group_step_keeps_the_budget_and_the_sums_norm(seed, d, k, rho):
+    g, p = randn(seed, d, k), randn(seed + 1, d, k)
+    (merged,) = ham.merge_into_group([g], [p], rho)
+    assert (merged != 0).sum().item() <= math.ceil(rho * d * k)  # a group stores no more than one task
+    assert math.isclose(merged.norm().item(), (g + p).norm().item(), rel_tol=1e-9)
 
 
-@given(seeds, weights)
-def test_weighted_mean_of_identical_deltas_is_that_delta(seed, ws):
-    x = randn(seed, 5, 3)
-    torch.testing.assert_close(ham.weighted_mean([x] * len(ws), ws), x)
+@given(seeds, st.lists(st.floats(-3, 3), min_size=1, max_size=6))
+def test_without_pruning_a_group_is_the_sum_of_its_members(seed, scales):
+    layers = [[s * randn(seed + i, 4, 3) for i, s in enumerate(scales)], [s * randn(seed + 50 + i, 2, 5) for i, s in enumerate(scales)]]
+    groups = []
+    for i in range(len(scales)):  # one group: every task joins it
+        groups, g, _, _ = ham.consolidate([layer[i] for layer in layers], groups, task=i, density=1.0, max_groups=1,
+                                          threshold=0.3, tasks_left=len(scales) - i)
+        assert g == 0
+    for got, layer in zip(groups[0].delta, layers):
+        torch.testing.assert_close(got, sum(layer).float())
+    assert groups[0].members == tuple(range(len(scales)))
 
 
-@given(seeds, weights, st.randoms())
-def test_weighted_mean_ignores_member_order(seed, ws, rnd):
-    ds = deltas_for(seed, len(ws))
-    perm = list(range(len(ws)))
-    rnd.shuffle(perm)
-    torch.testing.assert_close(ham.weighted_mean([ds[i] for i in perm], [ws[i] for i in perm]),
-                               ham.weighted_mean(ds, ws))
-
-
-@given(seeds, weights, st.floats(-4, 4))
-def test_weighted_mean_is_homogeneous(seed, ws, s):
-    ds = deltas_for(seed, len(ws))
-    torch.testing.assert_close(ham.weighted_mean([s * d for d in ds], ws), s * ham.weighted_mean(ds, ws))
-
-
-@given(seeds, weights)
-def test_weighted_mean_lies_between_members(seed, ws):
-    ds = torch.stack(deltas_for(seed, len(ws)))
-    m = ham.weighted_mean(list(ds), ws)
-    assert (m >= ds.min(0).values - 1e-12).all() and (m <= ds.max(0).values + 1e-12).all()
-
-
-@given(seeds, st.lists(st.floats(-3, 3).filter(lambda a: abs(a) > 0.05), min_size=1, max_size=6))
-def test_running_accumulators_equal_the_batch_formula(seed, alphas):
-    layers = [deltas_for(seed, len(alphas), 4, 3), deltas_for(seed + 100, len(alphas), 2, 5)]  # two layers
-    for merge in ("mean", "sum"):
-        groups = []
-        for i, a in enumerate(alphas):  # one group: every task joins it
-            groups, g, _ = ham.consolidate([layer[i] for layer in layers], a, groups, task=i, density=1.0,
-                                           max_groups=1, threshold=0.3, tasks_left=len(alphas) - i, merge=merge)
-            assert g == 0
-        w = [abs(a) for a in alphas] if merge == "mean" else [1.0] * len(alphas)  # w_i = |alpha_i|
-        for got, layer in zip(groups[0].delta(merge), layers):
-            want = ham.weighted_mean(layer, w) if merge == "mean" else sum(layer)
-            torch.testing.assert_close(got, want.float())
-        assert groups[0].members == tuple(range(len(alphas)))
+@given(seeds, dims, dims, densities)
+def test_a_pruned_delta_is_a_fixed_point_of_the_group_step(seed, d, k, rho):
+    p = ham.rescale_to_norm(ham.prune_by_magnitude(randn(seed, d, k), rho), randn(seed, d, k))
+    (merged,) = ham.merge_into_group([torch.zeros_like(p)], [p], rho)
+    torch.testing.assert_close(merged, p)
 
 
 # ---- grouping
@@ -108,7 +85,7 @@ def test_grouping_never_exceeds_max_groups(similarity_rows, max_groups, threshol
     T = len(similarity_rows)
     for t, row in enumerate(similarity_rows):
         sims = (row + [0.0] * n)[:n]  # one similarity per existing group
-        g = ham.choose_group(sims, max_groups=max_groups, threshold=threshold, tasks_left=T - t)
+        g, _ = ham.choose_group(sims, max_groups=max_groups, threshold=threshold, tasks_left=T - t)
         assert 0 <= g <= n
         n += g == n
         assert n <= max_groups
@@ -118,7 +95,7 @@ def test_grouping_never_exceeds_max_groups(similarity_rows, max_groups, threshol
 def test_max_groups_equal_tasks_never_merges(T, threshold):
     groups = 0
     for t in range(T):
-        g = ham.choose_group([1.0] * groups, max_groups=T, threshold=threshold, tasks_left=T - t)
+        g, _ = ham.choose_group([1.0] * groups, max_groups=T, threshold=threshold, tasks_left=T - t)
         assert g == groups  # always a new group, even when identical to an existing one
         groups += 1
 
@@ -130,7 +107,7 @@ def test_identical_delta_joins_its_group(seed, n_groups, threshold):
     sims = [ham.mean_cosine(group_deltas[target], gd) for gd in group_deltas]
     assert math.isclose(sims[target], 1.0, rel_tol=1e-6)
     # free groups remain, but fewer than the tasks to come, so the threshold rule decides
-    g = ham.choose_group(sims, max_groups=n_groups + 3, threshold=threshold, tasks_left=100)
+    g, _ = ham.choose_group(sims, max_groups=n_groups + 3, threshold=threshold, tasks_left=100)
     assert g == target
 
 

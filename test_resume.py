@@ -56,7 +56,7 @@ def _assert_identical(out: Path, reference: Path) -> None:
         for a, b in zip(c["method_state"].get(k, []), c0["method_state"].get(k, [])):
             assert torch.equal(a, b), k
     for a, b in zip(c["method_state"].get("groups", []), c0["method_state"].get("groups", [])):
-        assert a["members"] == b["members"] and all(torch.equal(x, y) for x, y in zip(a["weighted_sum"], b["weighted_sum"]))
+        assert a["members"] == b["members"] and all(torch.equal(x, y) for x, y in zip(a["delta"], b["delta"]))
 
 
 def _tasks_done(out: Path) -> int:

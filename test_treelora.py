@@ -175,11 +175,11 @@ def test_the_root_split_separates_two_clusters_of_drifts():
 # ---- the method inside the loop
 
 
-def _setup(tasks: int = 4, *, lam: float = 0.5, grad_density: float = 1.0):
+def _setup(tasks: int = 4, *, lam: float = 0.5, grad_density: float = 1.0, arm: str = "tree"):
     torch.manual_seed(0)
     model = ViT(PRESETS["vit_nano"], num_classes=100)
     add_lora_(model, ["qkv"], rank=4, lora_alpha=4.0)
-    method = treelora.TreeLoRA(model, lam=lam, lcb_c=0.01, grad_density=grad_density)
+    method = treelora.TreeLoRA(model, lam=lam, lcb_c=0.01, grad_density=grad_density, arm=arm)
     data = continual.split_data(continual.make_synthetic(0, 8, 2), order=continual.class_order(1993), tasks=tasks,
                                 train_per_class=8, device=torch.device("cpu"))
     gen, device_gen = continual.run_generators(0, torch.device("cpu"))
@@ -213,7 +213,7 @@ def test_stored_vector_is_the_last_epochs_mean_of_a():
         assert not torch.allclose(g[0], torch.stack([s[l] for s in seen[: len(b)]]).mean(0))  # not epoch 1's
 
 
-def test_the_pull_targets_the_selected_task_and_ramps_within_each_epoch():
+def test_the_pull_is_worth_lam_s_times_the_task_loss_and_targets_the_selected_task():
     model, method, batches = _setup(lam=0.5)
     for task in range(2):
         _train(model, method, batches(task), task)
@@ -222,21 +222,72 @@ def test_the_pull_targets_the_selected_task_and_ramps_within_each_epoch():
     n = len(b)
     for epoch in range(2):
         for step in range(1, n + 1):
-            for layer in method.layers:
-                layer.A.grad = None
             before = method.chosen.clone()
-            value = method.penalty(torch.tensor(1.0))
+            task_loss = torch.tensor(1.7)
+            value = method.penalty(task_loss)
             k = (method.chosen - before).argmax(0)  # the past task chosen for each layer at this step
-            value.backward()
-            for l, layer in enumerate(method.layers):
-                target = method.g[l][k[l]]
-                ramp = step / n  # lam_s = lam * s / n, from 0 to lam within the epoch
-                want = 0.5 * ramp * torch.sign(layer.A.detach() - target) / target.numel()
-                torch.testing.assert_close(layer.A.grad, want)
-            dist = treelora.l1_pull([layer.A for layer in method.layers],
-                                    [method.g[l][k[l]] for l in range(len(method.layers))])
-            torch.testing.assert_close(value, 0.5 * (step / n) * dist.sum())
+            ramp = 0.5 * step / n  # lam_s ramps from 0 to lam within the epoch
+            A = [layer.A for layer in method.layers]
+            targets = [method.g[l][k[l]] for l in range(len(A))]
+            pull = treelora.l1_pull(A, targets).sum().item()
+            torch.testing.assert_close(value.item(), ramp * 1.7 * pull / (pull + 1e-5))  # exactly
+            assert value.item() == pytest.approx(ramp * 1.7, rel=0.01)  # lam_s L_task, whatever the pull's scale
+            grads = torch.autograd.grad(value, A)
+            for a, t, g in zip(A, targets, grads):  # the gradient is the L1 pull's, scaled to lam_s * L / pull
+                torch.testing.assert_close(g, ramp * 1.7 / (pull + 1e-5) * torch.sign(a.detach() - t) / t.numel())
+                stepped = a.detach() - 1e-3 * g
+                assert (stepped - t).abs().sum() < (a.detach() - t).abs().sum()  # a step moves A toward g_k
         method.end_epoch(epoch)
+
+
+def test_bandit_rewards_are_distances_from_the_running_mean_of_a():
+    model, method, batches = _setup(lam=0.5)
+    for task in range(2):
+        _train(model, method, batches(task), task)
+    method.begin_task(2, batches(2))
+    seen = []
+    for _ in range(3):
+        with torch.no_grad():
+            for layer in method.layers:
+                layer.A.add_(0.1 * torch.randn_like(layer.A))  # A moves between steps
+        seen.append([layer.A.detach().clone() for layer in method.layers])
+        total_before = method.search.total.clone()
+        before = method.chosen.clone()
+        method.penalty(torch.tensor(1.0))
+        k = (method.chosen - before).argmax(0)
+    running = [torch.stack([s[l] for s in seen]).mean(0) for l in range(len(method.layers))]
+    reward = method.search.total - total_before  # the last play's reward per layer
+    for l in range(len(method.layers)):
+        want = (running[l] - method.g[l][k[l]]).abs().mean()
+        torch.testing.assert_close(reward[k[l], l], want)
+        live = (seen[-1][l] - method.g[l][k[l]]).abs().mean()
+        assert not torch.isclose(reward[k[l], l], live)  # not the live A's distance
+
+
+def test_random_arm_is_uniform_and_previous_arm_is_the_last_task():
+    model, method, batches = _setup(5, lam=0.5, arm="random")
+    for task in range(4):
+        _train(model, method, batches(task), task)
+    method.begin_task(4, batches(4))
+    torch.manual_seed(123)
+    for _ in range(2000):
+        method.penalty(torch.tensor(1.0))
+    counts = method.chosen.sum(1)  # over both layers: 4000 picks among 4 past tasks
+    assert counts.sum() == 4000 and ((counts - 1000).abs() < 100).all()  # each within 10% of uniform
+    model, method, batches = _setup(lam=0.5, arm="previous")
+    for task in range(3):
+        _train(model, method, batches(task), task)
+    method.begin_task(3, batches(3))
+    for _ in range(5):
+        method.penalty(torch.tensor(1.0))
+    assert method.chosen[:2].sum() == 0 and method.chosen[2].sum() == 5 * len(method.layers)
+
+
+def test_lambda_zero_keeps_nothing():
+    model, method, batches = _setup(lam=0.0)
+    for task in range(2):
+        _train(model, method, batches(task), task)
+    assert method.stored_tensors() == [] and method.penalty(torch.tensor(1.0)) is None
 
 
 def test_sparse_gradients_reach_the_optimiser(monkeypatch):
@@ -263,6 +314,7 @@ def test_sparse_gradients_reach_the_optimiser(monkeypatch):
     (["--lam", "-1"], "--lam must be a non-negative number"),
     (["--lcb-c", "-0.5"], "--lcb-c must be a non-negative number"),
     (["--grad-density", "0"], "--grad-density must be in (0, 1]"),
+    (["--arm", "best"], "invalid choice"),
     (["--tasks", "3"], "--tasks must divide 100"),
 ])
 def test_bad_flags(argv, message, usage_error):
@@ -270,10 +322,12 @@ def test_bad_flags(argv, message, usage_error):
 
 
 def test_end_to_end_synthetic(tmp_path):
-    run_script("treelora", [*TINY, "--tasks", "4", "--epochs", "3", "--train-per-class", "24", "--out", str(tmp_path)])
+    stdout = run_script("treelora", [*TINY, "--tasks", "4", "--epochs", "3", "--train-per-class", "24",
+                                     "--out", str(tmp_path)]).stdout
     r = json.loads((tmp_path / "results.json").read_text())
     assert r["finished"] and r["synthetic_data"] and r["method"] == "treelora" and learned(r)
     sel = r["tasks"][3]["selections"]  # task 4 chose among 3 past tasks, for each of the 2 LoRA layers
     assert len(sel) == 2 and all(len(row) == 3 for row in sel)
     assert sum(sel[0]) == sum(sel[1]) == 3 * math.ceil(24 * 25 / 32)  # one choice per layer and step
     assert sorted(r["tree"][0]) == [1, 2, 3, 4]  # tasks counted from 1
+    assert "|grad reg| / |grad CE|" in stdout and "TreeLoRA (tree): picks of past tasks 1..3" in stdout

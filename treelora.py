@@ -9,8 +9,9 @@ The method in five lines:
   2. After task t, store per layer the mean g_t of A over the task's last epoch, and rebuild a K-D tree over the
      past tasks' drifts g_t - g_{t-1}, splitting at depth d on layer d's vectors.
   3. At every step, per layer, a minimum-lower-confidence-bound bandit descends the tree to the past task k
-     whose g_k is nearest (L1) to the current A: O(depth) per step, not O(tasks).
-  4. The loss adds lam_s * |A - g_k|_1, with lam_s ramping linearly from 0 to lam within each epoch.
+     whose g_k is nearest (L1) to the epoch's running mean of A: O(depth) per step, not O(tasks).
+  4. The loss adds a pull |A - g_k|_1 made scale-free, worth lam_s times the task loss, with lam_s ramping
+     linearly from 0 to lam within each epoch.
   5. Only LoRA parameters and the head train, and only the largest entries of each LoRA gradient are kept.
 
 Run:  python treelora.py --tasks 10            (--lam 0 --grad-density 1 is the SeqLoRA baseline)
@@ -34,10 +35,14 @@ from lora_vit import ViT, lora_layers, lora_parameters
 class Args(CLArgs):
     """TreeLoRA's flags on top of the shared protocol."""
 
-    lam: float = arg(0.1, "regulariser weight lam (ramped from 0 within each epoch); 0 gives SeqLoRA")
-    # reconstructed: c is ours, on the scale of the per-entry L1 rewards.
+    lam: float = arg(0.5, "the pull's worth as a fraction of the task loss, ramped from 0 to lam within each "
+                          "epoch; 0 with --grad-density 1 is SeqLoRA")
+    # reconstructed: c is ours, on the scale of the per-entry L1 rewards (README, deviation 16).
     lcb_c: float = arg(0.01, "exploration constant c of the lower confidence bound mu - c sqrt(log s / n)")
     grad_density: float = arg(0.5, "fraction of each LoRA gradient's entries kept per step (1: dense)")
+    arm: str = arg("tree", "how each layer's past task is chosen: tree (the LCB tree search), random (uniform, "
+                           "ablation) or previous (always the last task, ablation)",
+                   choices=("tree", "random", "previous"))
 
     def problem(self) -> str | None:
         if not self.lam >= 0 or not math.isfinite(self.lam):
@@ -214,6 +219,12 @@ def l1_pull(A: Sequence[Tensor], targets: Sequence[Tensor]) -> Tensor:
     return torch.stack([(a - g).abs().mean() for a, g in zip(A, targets)])
 
 
+def scale_free(pull: Tensor, task_loss: Tensor, lam: float) -> Tensor:
+    """lam * L_task * pull / pull, gradients through the numerator only: worth lam times the task loss whatever
+    the pull's scale, so it neither vanishes nor dominates (the official code's normalisation, deviation 16)."""
+    return lam * task_loss.detach() * pull / (pull.detach() + 1e-5)
+
+
 def sparsify_gradients_(params: Sequence[nn.Parameter], density: float) -> None:
     """Keep the ceil(density * n) largest-magnitude entries of each gradient, zero the rest, in place."""
     # reconstructed: the paper's 'sparse gradient updates' as magnitude top-k per step (README, deviation 15).
@@ -232,12 +243,13 @@ def sparsify_gradients_(params: Sequence[nn.Parameter], density: float) -> None:
 class TreeLoRA(Method):
     """TreeLoRA: one LoRA continued across tasks, pulled each step toward the past task the tree search picks."""
 
-    def __init__(self, model: ViT, *, lam: float, lcb_c: float, grad_density: float):
+    def __init__(self, model: ViT, *, lam: float, lcb_c: float, grad_density: float, arm: str):
         self.head = model.head
         self.layers = lora_layers(model)
         self.lam = lam
         self.lcb_c = lcb_c
         self.grad_density = grad_density
+        self.arm = arm
         self.g: list[Tensor] = []  # per layer (tasks so far, r, k): mean A over each task's last epoch
         self.drifts: list[Tensor] = []  # per layer (tasks so far, r*k): g_t - g_{t-1}, what the tree is built on
         self.previous: list[Tensor] = []  # g_{t-1} per layer (the initial A before task 1)
@@ -248,41 +260,68 @@ class TreeLoRA(Method):
         self.steps_per_epoch = 1
         self.last_epoch_mean: list[Tensor] = []
         self.chosen: Tensor | None = None  # (past tasks, L) selection counts during the current task
+        self.reg_grads: list[Tensor] = []  # this step's gradient of the pull on each A
+        self.ratio_sum = torch.zeros(())  # sum over the epoch's steps of |grad reg| / |grad CE| on the LoRA factors
 
     def begin_task(self, task: int, batches: TaskBatches) -> list[nn.Parameter]:
         if task == 0:
             self.previous = [layer.A.detach().clone() for layer in self.layers]
         self.a_sum, self.step, self.steps_per_epoch = [torch.zeros_like(layer.A) for layer in self.layers], 0, len(batches)
-        if self.search is not None:
-            self.search.reset_()
+        self.ratio_sum = torch.zeros((), device=self.layers[0].A.device)
+        if self.g:
             self.chosen = torch.zeros(task, len(self.layers), device=self.layers[0].A.device)
         return [*lora_parameters(self.layers), *self.head.parameters()]
+
+    def _choose(self, running_mean: Sequence[Tensor]) -> Tensor:
+        """The past task for each layer, (L,) int64 on the device; the tree search learns from this step."""
+        T, L, device = self.g[0].shape[0], len(self.layers), self.g[0].device
+        if self.arm == "random":  # ablation: uniform over the past tasks, from the seeded global generator
+            return torch.randint(T, (L,), device=device)
+        if self.arm == "previous":  # ablation: always the last task
+            return torch.full((L,), T - 1, device=device)
+        k = self.search.select()
+        # the bandit's reward: L1 distance from the epoch's running mean of A, as the official code measures it
+        targets = [g.index_select(0, k[l:l + 1])[0] for l, g in enumerate(self.g)]  # no host sync
+        self.search.update_(k, l1_pull(running_mean, targets))
+        return k
 
     def penalty(self, task_loss: Tensor) -> Tensor | None:
         self.step += 1
         for acc, layer in zip(self.a_sum, self.layers):
             acc += layer.A.detach()  # A as this step sees it
-        if self.search is None or self.lam == 0:
+        if not self.g or self.lam == 0:
             return None
-        k = self.search.select()  # (L,) past task per layer
-        targets = [g.index_select(0, k[l:l + 1])[0] for l, g in enumerate(self.g)]  # no host sync
-        dist = l1_pull([layer.A for layer in self.layers], targets)  # (L,)
-        self.search.update_(k, dist.detach())
-        self.chosen[k, self.search.cols] += 1
-        return self.lam * (self.step / self.steps_per_epoch) * dist.sum()  # lam_s ramps from 0 to lam in an epoch
+        k = self._choose([acc / self.step for acc in self.a_sum])  # (L,)
+        self.chosen[k, torch.arange(len(self.layers), device=k.device)] += 1
+        A = [layer.A for layer in self.layers]
+        pull = l1_pull(A, [g.index_select(0, k[l:l + 1])[0] for l, g in enumerate(self.g)]).sum()
+        reg = scale_free(pull, task_loss, self.lam * self.step / self.steps_per_epoch)  # lam_s ramps to lam
+        self.reg_grads = torch.autograd.grad(reg, A, retain_graph=True)  # for the logged gradient ratio
+        return reg
 
     def after_backward(self) -> None:
+        if self.reg_grads:  # the CE gradient is what the pull did not contribute
+            reg = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in self.reg_grads]))
+            ce = [layer.A.grad - g for layer, g in zip(self.layers, self.reg_grads)] + [l.B.grad for l in self.layers]
+            ce = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in ce]))
+            self.ratio_sum += reg / ce.clamp(min=1e-12)
+            self.reg_grads = []
         if self.grad_density < 1:
             sparsify_gradients_(lora_parameters(self.layers), self.grad_density)
 
-    def end_epoch(self, epoch: int) -> None:
+    def end_epoch(self, epoch: int) -> str:
         self.last_epoch_mean = [acc / self.step for acc in self.a_sum]
+        note = f"|grad reg| / |grad CE| {self.ratio_sum.item() / self.step:.3f}" if self.chosen is not None and self.lam else ""
         self.a_sum, self.step = [torch.zeros_like(acc) for acc in self.a_sum], 0
+        self.ratio_sum.zero_()
         if self.search is not None:
             self.search.reset_()
+        return note
 
     @torch.no_grad()
     def end_task(self, task: int, batches: TaskBatches, log: Callable[[str], None]) -> dict:
+        if self.lam == 0:  # SeqLoRA or its sparse variant: nothing is pulled, so nothing needs keeping
+            return {}
         mean_a = self.last_epoch_mean  # g_t per layer
         # reconstructed: the first task's drift is measured from the initial A (README, deviation 14).
         drift = [(m - p).flatten()[None] for m, p in zip(mean_a, self.previous)]  # (1, r*k) per layer
@@ -293,8 +332,10 @@ class TreeLoRA(Method):
         info = {"tree_height": self.tree.height}
         if self.chosen is not None:
             info["selections"] = self.chosen.T.tolist()  # per layer, how often each past task was chosen
-            top = (self.chosen.argmax(0) + 1).tolist()
-            log(f"  TreeLoRA: most chosen past task per layer {top}; tree of {task + 1} tasks, height {self.tree.height}")
+            share = self.chosen.sum(1) / self.chosen.sum()  # over layers: the share of picks of each past task
+            log(f"  TreeLoRA ({self.arm}): picks of past tasks 1..{task}: "
+                f"[{', '.join(f'{100 * s:.0f}%' for s in share.tolist())}]; tree of {task + 1} tasks, "
+                f"height {self.tree.height}")
         return info
 
     def _rebuild_tree(self) -> None:
@@ -318,7 +359,7 @@ class TreeLoRA(Method):
 
 
 def make_method(model: ViT, args: Args) -> TreeLoRA:
-    return TreeLoRA(model, lam=args.lam, lcb_c=args.lcb_c, grad_density=args.grad_density)
+    return TreeLoRA(model, lam=args.lam, lcb_c=args.lcb_c, grad_density=args.grad_density, arm=args.arm)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -9,7 +9,7 @@ The method in five lines:
   3. The merge searches M(c) = M_{t-1} + sum_k c_k D_k + c_h M_{t-1}, per-layer coefficients c, from the plain
      sequential merge c_init (c_K = 1, others 0).
   4. Adam on c minimises task alignment + prediction consistency on the old classes + a gradient-
-     responsiveness hinge (the logit Fisher trace 1 - |p|^2 must not collapse) + a trust region, on task t's data.
+     responsiveness hinge (the features' Fisher trace must not collapse) + a trust region, on task t's data.
   5. The snapshots are freed; M_t = M(c*) is all that is kept.
 
 Run:  python trm.py --tasks 10                 (--merge-steps 0 is the plain sequential merge)
@@ -42,7 +42,8 @@ class Args(CLArgs):
     merge_lr: float = arg(0.01, "Adam learning rate of the merge coefficients")
     lam_pc: float = arg(1.0, "weight of prediction consistency on the old classes")
     lam_gr: float = arg(1.0, "weight of the gradient-responsiveness hinge")
-    rho: float = arg(0.5, "the merged model's logit Fisher trace must stay >= rho times the previous model's")
+    rho: float = arg(0.5, "the merged model's feature Fisher trace tr Cov(f) must stay >= rho times the previous "
+                          "model's")
     mu: float = arg(1.0, "trust-region weight mu |c - c_init|^2")
     temperature: float = arg(2.0, "distillation temperature T of the two KL terms")
 
@@ -113,15 +114,17 @@ def prediction_consistency(merged_old: Tensor, previous_old: Tensor, temperature
     return distill_kl(previous_old, merged_old, temperature)
 
 
-def logit_fisher_trace(logits: Tensor) -> Tensor:
-    """Label-free Fisher trace at the logits, E_{y~p} |grad_z log p_y|^2 = 1 - |p|^2, averaged over the batch."""
-    p = logits.softmax(-1)
-    return (1 - (p * p).sum(-1)).mean()
+# reconstructed: responsiveness measured on the features the next task's head will train on (deviation 21).
+def feature_fisher_trace(features: Tensor) -> Tensor:
+    """tr Cov(f) over the batch, (B, D) -> scalar: the Fisher information a fresh linear head with a bias gets from
+    the features under a Gaussian likelihood. Collapsed features (every input alike) give 0: no signal to learn."""
+    return (features - features.mean(0)).pow(2).sum(1).mean()
 
 
 def gradient_responsiveness(merged: Tensor, previous: Tensor, rho: float) -> Tensor:
-    """Hinge max(0, rho * F(previous) - F(merged)): the merged model must keep its gradients alive."""
-    return F.relu(rho * logit_fisher_trace(previous).detach() - logit_fisher_trace(merged))
+    """Hinge max(0, rho * F(previous) - F(merged)) on the feature Fisher trace: 0 while the merged model keeps
+    rho of the previous one's, positive once a merge collapses the features (a rigid start for the next task)."""
+    return F.relu(rho * feature_fisher_trace(previous).detach() - feature_fisher_trace(merged))
 
 
 def trust_region(c: Tensor, c_init: Tensor) -> Tensor:
@@ -132,22 +135,25 @@ def trust_region(c: Tensor, c_init: Tensor) -> Tensor:
 
 
 def merge_objective(c: Tensor, *, w0: Sequence[Tensor], prev: Sequence[Tensor], directions: Sequence[Tensor],
-                    logits_of: Callable[[list[Tensor], Tensor], Tensor], x: Tensor, y: Tensor, classes: range,
-                    endpoint: Tensor, previous: Tensor, temperature: float, rho: float, lam_pc: float,
-                    lam_gr: float, mu: float, c_init: Tensor) -> dict[str, Tensor]:
-    """TRM's merge objective at coefficients c (layers, K + 1) on one batch; its terms and their weighted total.
+                    features_of: Callable[[list[Tensor], Tensor], Tensor], head: tuple[Tensor, Tensor], x: Tensor,
+                    y: Tensor, classes: range, endpoint: Tensor, previous: Tensor, previous_features: Tensor,
+                    temperature: float, rho: float, lam_pc: float, lam_gr: float, mu: float,
+                    c_init: Tensor) -> dict[str, Tensor]:
+    """TRM's merge objective at coefficients c (layers, K + 1) on one batch: its terms and their weighted total.
 
-    w0, prev, directions: per layer W0, M_{t-1} and the stacked snapshots (K, d, k). logits_of(weights, x)
-    gives the model's logits over the seen classes with each layer's base weight replaced by weights[l].
-    endpoint, previous: the fine-tuned endpoint's and the previous merged model's logits on x (no gradient).
+    w0, prev, directions: per layer W0, M_{t-1} and the stacked snapshots (K, d, k). features_of(weights, x)
+    gives the class-token features (B, D) with each layer's base weight replaced by weights[l]; head: the
+    seen classes' rows (weight, bias). endpoint, previous: the fine-tuned endpoint's and the previous merged
+    model's logits on x; previous_features: the previous merged model's features (all without gradient).
     """
     weights = [w + trajectory_merge(m, d, cl) for w, m, d, cl in zip(w0, prev, directions, c)]
-    merged = logits_of(weights, x)  # (B, seen classes)
+    features = features_of(weights, x)  # (B, D)
+    merged = F.linear(features, *head).float()  # (B, seen classes)
     lo, hi = classes.start, classes.stop
     terms = {
         "alignment": task_alignment(merged[:, lo:hi], endpoint[:, lo:hi], y, temperature),
         "consistency": prediction_consistency(merged[:, :lo], previous[:, :lo], temperature),
-        "responsiveness": gradient_responsiveness(merged, previous, rho),
+        "responsiveness": gradient_responsiveness(features.float(), previous_features.float(), rho),
         "trust": trust_region(c, c_init),
     }
     terms["total"] = (terms["alignment"] + lam_pc * terms["consistency"] + lam_gr * terms["responsiveness"]
@@ -159,6 +165,17 @@ def merge_objective(c: Tensor, *, w0: Sequence[Tensor], prev: Sequence[Tensor], 
 # Wiring into the loop
 
 
+class FeatureView(nn.Module):
+    """The model's class-token features as a module's forward, for functional_call."""
+
+    def __init__(self, model: ViT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model.forward_features(x)
+
+
 # reconstructed: state W0 + M, a fresh LoRA per task, snapshots, Adam on c over the task's batches (dev. 19-22).
 class TRM(Method):
     """Trajectory Regularized Merging: snapshots during the task, then the merge of merge_objective()."""
@@ -167,7 +184,8 @@ class TRM(Method):
                  lam_gr: float, rho: float, mu: float, temperature: float):
         self.model = model
         self.layers = lora_layers(model)
-        self.names = [n + ".base.weight" for n, m in model.named_modules() if m in self.layers]
+        self.features = FeatureView(model)
+        self.names = [f"model.{n}.base.weight" for n, m in model.named_modules() if m in self.layers]
         self.w0 = [layer.base.weight.detach().clone() for layer in self.layers]
         self.merged = [torch.zeros_like(w) for w in self.w0]  # M_{t-1} per layer: all that is kept
         self.snapshot_at = set(snapshot_at)
@@ -192,13 +210,14 @@ class TRM(Method):
             norms = [torch.linalg.vector_norm(p.grad) for p in self.trained if p.grad is not None]
             self.first_grad_norm = torch.linalg.vector_norm(torch.stack(norms))
 
-    def end_epoch(self, epoch: int) -> None:
+    def end_epoch(self, epoch: int) -> str:
         if epoch in self.snapshot_at:
             self.trajectory.append([layer.delta().detach().clone() for layer in self.layers])
+        return ""
 
-    def _logits(self, weights: Sequence[Tensor], x: Tensor, hi: int) -> Tensor:
-        """Logits of classes [0, hi) with every LoRA layer's base weight replaced, differentiably, by `weights`."""
-        return functional_call(self.model, dict(zip(self.names, weights)), (x,))[:, :hi].float()
+    def _features(self, weights: Sequence[Tensor], x: Tensor) -> Tensor:
+        """Class-token features with every LoRA layer's base weight replaced, differentiably, by `weights`."""
+        return functional_call(self.features, dict(zip(self.names, weights)), (x,))
 
     def end_task(self, task: int, batches: TaskBatches, log: Callable[[str], None]) -> dict:
         K = len(self.trajectory)
@@ -209,25 +228,29 @@ class TRM(Method):
         c = nn.Parameter(c_init.clone())
         opt = torch.optim.Adam([c], lr=self.merge_lr)
         amp = self.w0[0].device.type == "cuda"
-        hi = batches.classes.stop
+        head = (self.model.head.weight[:batches.classes.stop].detach(), self.model.head.bias[:batches.classes.stop].detach())
         previous_w = [w0 + m for w0, m in zip(self.w0, self.merged)]  # the previous merged model, W0 + M_{t-1}
         endpoint_w = [w + d[-1] for w, d in zip(previous_w, directions)]  # the fine-tuned endpoint
-        logits_of = lambda weights, x: self._logits(weights, x, hi)
-        recorded, step = {}, 0
+
+        def objective(coefficients: Tensor, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                with torch.no_grad():
+                    previous_features = self._features(previous_w, x)
+                    endpoint = F.linear(self._features(endpoint_w, x), *head).float()
+                    previous = F.linear(previous_features, *head).float()
+                return merge_objective(coefficients, w0=self.w0, prev=self.merged, directions=directions,
+                                       features_of=self._features, head=head, x=x, y=y, classes=batches.classes,
+                                       endpoint=endpoint, previous=previous, previous_features=previous_features,
+                                       c_init=c_init, **self.weights)
+
+        fixed, step = None, 0
         while step < self.merge_steps:
             for x, y in batches:
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                    with torch.no_grad():
-                        endpoint, previous = logits_of(endpoint_w, x), logits_of(previous_w, x)
-                    terms = merge_objective(c, w0=self.w0, prev=self.merged, directions=directions,
-                                            logits_of=logits_of, x=x, y=y, classes=batches.classes,
-                                            endpoint=endpoint, previous=previous, c_init=c_init, **self.weights)
+                fixed = fixed or (x, y)  # the merge's first batch: its objectives are reported before and after
+                terms = objective(c, x, y)
                 opt.zero_grad(set_to_none=True)
                 terms["total"].backward()
                 opt.step()
-                if step == 0:
-                    recorded["start"] = {k: v.detach() for k, v in terms.items()}
-                recorded["end"] = {k: v.detach() for k, v in terms.items()}
                 step += 1
                 if step == self.merge_steps:
                     break
@@ -235,16 +258,18 @@ class TRM(Method):
             new = [trajectory_merge(m, d, cl) for m, d, cl in zip(self.merged, directions, c.detach())]
             if not all(torch.isfinite(n).all() for n in new):
                 raise UserError(f"TRM's merged delta after task {task + 1} is not finite; lower --merge-lr and rerun.")
+            info = {"coefficients": c.detach().tolist(), "snapshots": K,
+                    "first_step_grad_norm": self.first_grad_norm.item() if self.first_grad_norm is not None else None}
+            if fixed is not None:
+                before, after = ({k: v.item() for k, v in objective(cc, *fixed).items()} for cc in (c_init, c.detach()))
+                info["objectives_before"], info["objectives_after"] = before, after
+                info["responsiveness_active"] = after["responsiveness"] > 0
+                log("  TRM merge, on its first batch: " + "  ".join(f"{k} {before[k]:.4f}->{after[k]:.4f}" for k in before)
+                    + f"  (responsiveness hinge {'ACTIVE' if after['responsiveness'] > 0 else 'inactive'})")
             self.merged = new
             for layer, w0, m in zip(self.layers, self.w0, self.merged):
                 layer.base.weight.copy_(w0 + m)
         self.trajectory = []  # only M_t is kept
-        info = {"coefficients": c.detach().tolist(), "snapshots": K,
-                "first_step_grad_norm": self.first_grad_norm.item() if self.first_grad_norm is not None else None}
-        if recorded:
-            start, end = ({k: v.item() for k, v in recorded[s].items()} for s in ("start", "end"))
-            info["objectives_start"], info["objectives_end"] = start, end
-            log("  TRM merge: " + "  ".join(f"{k} {start[k]:.4f}->{end[k]:.4f}" for k in start))
         mean_c = c.detach().mean(0).tolist()
         norm = info["first_step_grad_norm"]
         log(f"  TRM: mean coefficients (c_1..c_K, c_h) [{', '.join(f'{v:+.3f}' for v in mean_c)}]  "
