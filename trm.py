@@ -39,12 +39,12 @@ class Args(CLArgs):
 
     snapshots: int = arg(0, "snapshots K of the task's LoRA delta, evenly spread over its epochs (0: one per epoch)")
     merge_steps: int = arg(100, "Adam steps S on the merge coefficients; 0 is the plain sequential merge")
-    merge_lr: float = arg(0.01, "Adam learning rate of the merge coefficients")
+    merge_lr: float = arg(0.05, "Adam learning rate of the merge coefficients")
     lam_pc: float = arg(1.0, "weight of prediction consistency on the old classes")
     lam_gr: float = arg(1.0, "weight of the gradient-responsiveness hinge")
     rho: float = arg(0.5, "the merged model's feature Fisher trace tr Cov(f) must stay >= rho times the previous "
                           "model's")
-    mu: float = arg(1.0, "trust-region weight mu |c - c_init|^2")
+    mu: float = arg(0.1, "trust-region weight mu |c - c_init|^2")
     temperature: float = arg(2.0, "distillation temperature T of the two KL terms")
 
     def problem(self) -> str | None:
