@@ -487,7 +487,7 @@ def main() -> None:
                         help="methods: the three methods and baselines side by side; ham, treelora, trm: that "
                              "method's ablations")
     parser.add_argument("--seeds", type=int, default=1, help="repeat each run over seeds 0..N-1 (mean ± std)")
-    parser.add_argument("--tasks", type=int, nargs="*", default=[],
+    parser.add_argument("--tasks", type=int, nargs="+", default=None,
                         help="task counts to run instead of the preset's (each must divide 100)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at a time, sharing the CPU threads (train seconds are then not comparable)")
@@ -501,9 +501,11 @@ def main() -> None:
         parser.error("choose --preset, --speed or --search.")
     if args.seeds < 1 or args.jobs < 1:
         parser.error("--seeds and --jobs must be at least 1.")
-    if any(t < 2 or 100 % t for t in args.tasks):
+    if any(t < 2 or 100 % t for t in args.tasks or ()):
         parser.error("--tasks takes task counts that divide 100 into at least 2 tasks.")
-    problem = continual._device_problem(args.device) if args.device != "auto" else None
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    problem = continual._device_problem(args.device)
     if problem:
         parser.error(problem)
     device = torch.device(args.device)
@@ -519,7 +521,7 @@ def main() -> None:
         t0 = time.perf_counter()
         timing = 2.0 if args.set == "methods" and args.preset != "tiny" else 0.05 if args.set == "methods" else 0.0
         result = compare(args.preset, args.set, args.seeds, out / f"runs_{args.preset}", args.device, args.jobs,
-                         timing, tuple(args.tasks))
+                         timing, tuple(args.tasks or ()))
         table = markdown_table(result["rows"])
         plot = plot_curves(result["curves"], out / f"{name}.png")
         print(f"\n{stamp} ({time.perf_counter() - t0:.0f} s, {args.jobs} job(s) at a time)\n\n{table}\n\n{plot}")

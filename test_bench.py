@@ -62,3 +62,13 @@ def test_vit_flops_match_a_hand_count():
     cfg = ViTConfig(img_size=8, patch=4, dim=2, depth=1, heads=1, mlp_dim=4)  # 4 patches + cls = 5 tokens
     # qkv 2*5*2*6 = 120, QK^T and AV 2*2*5*5*2 = 200, proj 2*5*2*2 = 40, MLP 2*2*5*2*4 = 160; patch 2*4*48*2 = 768
     assert bench.vit_forward_flops(cfg) == 120 + 200 + 40 + 160 + 768
+
+
+def test_bad_flags_are_one_sentence():
+    for argv, message in ((["--speed", "--device", "foo"], "--device foo is not a device"),
+                          (["--preset", "tiny", "--tasks", "7"], "--tasks takes task counts that divide 100"),
+                          (["--preset", "tiny", "--jobs", "0"], "--seeds and --jobs must be at least 1"),
+                          ([], "choose --preset, --speed or --search")):
+        proc = subprocess.run([sys.executable, "bench.py", *argv], cwd=HERE, capture_output=True, text=True)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert message in proc.stderr.strip().splitlines()[-1]

@@ -261,13 +261,13 @@ class TreeLoRA(Method):
         self.last_epoch_mean: list[Tensor] = []
         self.chosen: Tensor | None = None  # (past tasks, L) selection counts during the current task
         self.reg_grads: list[Tensor] = []  # this step's gradient of the pull on each A
-        self.ratio_sum = torch.zeros(())  # sum over the epoch's steps of |grad reg| / |grad CE| on the LoRA factors
+        self.grad_norms = torch.zeros(2)  # over the epoch: summed |grad reg| and |grad CE| on the LoRA factors
 
     def begin_task(self, task: int, batches: TaskBatches) -> list[nn.Parameter]:
         if task == 0:
             self.previous = [layer.A.detach().clone() for layer in self.layers]
         self.a_sum, self.step, self.steps_per_epoch = [torch.zeros_like(layer.A) for layer in self.layers], 0, len(batches)
-        self.ratio_sum = torch.zeros((), device=self.layers[0].A.device)
+        self.grad_norms = torch.zeros(2, device=self.layers[0].A.device)
         if self.g:
             self.chosen = torch.zeros(task, len(self.layers), device=self.layers[0].A.device)
         return [*lora_parameters(self.layers), *self.head.parameters()]
@@ -300,20 +300,22 @@ class TreeLoRA(Method):
         return reg
 
     def after_backward(self) -> None:
-        if self.reg_grads:  # the CE gradient is what the pull did not contribute
+        if self.reg_grads:  # the CE gradient is what the pull did not contribute (the ratio is of epoch sums: at a
+            # task's first step the new head rows are zero, so no CE gradient reaches the LoRA factors at all)
             reg = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in self.reg_grads]))
             ce = [layer.A.grad - g for layer, g in zip(self.layers, self.reg_grads)] + [l.B.grad for l in self.layers]
             ce = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in ce]))
-            self.ratio_sum += reg / ce.clamp(min=1e-12)
+            self.grad_norms += torch.stack([reg, ce])
             self.reg_grads = []
         if self.grad_density < 1:
             sparsify_gradients_(lora_parameters(self.layers), self.grad_density)
 
     def end_epoch(self, epoch: int) -> str:
         self.last_epoch_mean = [acc / self.step for acc in self.a_sum]
-        note = f"|grad reg| / |grad CE| {self.ratio_sum.item() / self.step:.3f}" if self.chosen is not None and self.lam else ""
+        reg, ce = self.grad_norms.tolist()
+        note = f"|grad reg| / |grad CE| {reg / ce:.3f}" if self.chosen is not None and self.lam and ce > 0 else ""
         self.a_sum, self.step = [torch.zeros_like(acc) for acc in self.a_sum], 0
-        self.ratio_sum.zero_()
+        self.grad_norms.zero_()
         if self.search is not None:
             self.search.reset_()
         return note
