@@ -157,9 +157,11 @@ def best_of_alternating(models: dict, device: torch.device, batch: int, seconds:
 
 
 def compare(preset: str, variant_set: str, seeds: int, out: Path, device: str, jobs: int,
-            timing_seconds: float, task_counts: tuple[int, ...] = ()) -> dict:
-    """Every variant of the set with seeds 0..seeds-1, each run its own process, `jobs` at a time."""
-    p, variants = PRESETS[preset], SETS[variant_set]
+            timing_seconds: float, task_counts: tuple[int, ...] = (), only: tuple[str, ...] = ()) -> dict:
+    """Every variant of the set (or those named in `only`) with seeds 0..seeds-1, each run its own process,
+    `jobs` at a time."""
+    p = PRESETS[preset]
+    variants = {k: v for k, v in SETS[variant_set].items() if not only or k in only}
     task_counts = task_counts or p["tasks"]
     weights = p["flags"][p["flags"].index("--weights") + 1] if "--weights" in p["flags"] else "auto"
     if weights not in ("auto", "random") and not Path(weights).is_file():
@@ -490,6 +492,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1, help="repeat each run over seeds 0..N-1 (mean ± std)")
     parser.add_argument("--tasks", type=int, nargs="+", default=None,
                         help="task counts to run instead of the preset's (each must divide 100)")
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated labels of the set's variants to run (default: all of them)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at a time, sharing the CPU threads (train seconds are then not comparable)")
     parser.add_argument("--speed", action="store_true", help="speed against the machine's limit")
@@ -502,6 +506,10 @@ def main() -> None:
         parser.error("choose --preset, --speed or --search.")
     if args.seeds < 1 or args.jobs < 1:
         parser.error("--seeds and --jobs must be at least 1.")
+    unknown = [v for v in (args.variants or "").split(",") if v and v not in SETS[args.set]]
+    if unknown:
+        parser.error(f"--variants: {unknown[0]!r} is not a variant of --set {args.set}; choose from "
+                     f"{', '.join(SETS[args.set])}.")
     if any(t < 2 or 100 % t for t in args.tasks or ()):
         parser.error("--tasks takes task counts that divide 100 into at least 2 tasks.")
     if args.device == "auto":
@@ -522,7 +530,7 @@ def main() -> None:
         t0 = time.perf_counter()
         timing = 2.0 if args.set == "methods" and args.preset != "tiny" else 0.05 if args.set == "methods" else 0.0
         result = compare(args.preset, args.set, args.seeds, out / f"runs_{args.preset}", args.device, args.jobs,
-                         timing, tuple(args.tasks or ()))
+                         timing, tuple(args.tasks or ()), tuple(args.variants.split(",")) if args.variants else ())
         table = markdown_table(result["rows"])
         plot = plot_curves(result["curves"], out / f"{name}.png")
         print(f"\n{stamp} ({time.perf_counter() - t0:.0f} s, {args.jobs} job(s) at a time)\n\n{table}\n\n{plot}")
