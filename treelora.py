@@ -272,18 +272,14 @@ class TreeLoRA(Method):
             self.chosen = torch.zeros(task, len(self.layers), device=self.layers[0].A.device)
         return [*lora_parameters(self.layers), *self.head.parameters()]
 
-    def _choose(self, running_mean: Sequence[Tensor]) -> Tensor:
-        """The past task for each layer, (L,) int64 on the device; the tree search learns from this step."""
+    def _choose(self) -> Tensor:
+        """The past task for each layer, (L,) int64 on the device."""
         T, L, device = self.g[0].shape[0], len(self.layers), self.g[0].device
         if self.arm == "random":  # ablation: uniform over the past tasks, from the seeded global generator
             return torch.randint(T, (L,), device=device)
         if self.arm == "previous":  # ablation: always the last task
             return torch.full((L,), T - 1, device=device)
-        k = self.search.select()
-        # the bandit's reward: L1 distance from the epoch's running mean of A, as the official code measures it
-        targets = [g.index_select(0, k[l:l + 1])[0] for l, g in enumerate(self.g)]  # no host sync
-        self.search.update_(k, l1_pull(running_mean, targets))
-        return k
+        return self.search.select()
 
     def penalty(self, task_loss: Tensor) -> Tensor | None:
         self.step += 1
@@ -291,11 +287,13 @@ class TreeLoRA(Method):
             acc += layer.A.detach()  # A as this step sees it
         if not self.g or self.lam == 0:
             return None
-        k = self._choose([acc / self.step for acc in self.a_sum])  # (L,)
+        k = self._choose()  # (L,)
+        targets = [g.index_select(0, k[l:l + 1])[0] for l, g in enumerate(self.g)]  # g_k per layer, no host sync
+        if self.arm == "tree":  # the bandit's reward: L1 distance from the epoch's running mean of A (official code)
+            self.search.update_(k, l1_pull([acc / self.step for acc in self.a_sum], targets))
         self.chosen[k, torch.arange(len(self.layers), device=k.device)] += 1
         A = [layer.A for layer in self.layers]
-        pull = l1_pull(A, [g.index_select(0, k[l:l + 1])[0] for l, g in enumerate(self.g)]).sum()
-        reg = scale_free(pull, task_loss, self.lam * self.step / self.steps_per_epoch)  # lam_s ramps to lam
+        reg = scale_free(l1_pull(A, targets).sum(), task_loss, self.lam * self.step / self.steps_per_epoch)  # lam_s
         self.reg_grads = torch.autograd.grad(reg, A, retain_graph=True)  # for the logged gradient ratio
         return reg
 
