@@ -243,7 +243,7 @@ def test_offline_torchvision_weights_name_the_file_and_folder(monkeypatch, tmp_p
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(WeightsError) as e:
         lora_vit.torchvision_weights("vit_b_16")
-    assert f"put vit_b_16-c867db91.pth" in str(e.value) and f"into {tmp_path / 'checkpoints'}/" in str(e.value)
+    assert "put vit_b_16-c867db91.pth" in str(e.value) and f"into {tmp_path / 'checkpoints'}/" in str(e.value)
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "vit_b_16-c867db91.pth").write_bytes(b"half a download")
     with pytest.raises(WeightsError, match="vit_b_16-c867db91.pth are corrupt or truncated .*delete the file"):
