@@ -484,7 +484,7 @@ def mib(n: float) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=continual._HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=continual.HelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), help="run a variant set with this regime and budget")
     parser.add_argument("--set", default="methods", choices=sorted(SETS),
                         help="methods: the three methods and baselines side by side; ham, treelora, trm: that "
@@ -514,7 +514,7 @@ def main() -> None:
         parser.error("--tasks takes task counts that divide 100 into at least 2 tasks.")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    problem = continual._device_problem(args.device)
+    problem = continual.device_problem(args.device)
     if problem:
         parser.error(problem)
     device = torch.device(args.device)

@@ -110,9 +110,9 @@ class CLArgs:
                 return f"--{name.replace('_', '-')} must be a positive number."
         if self.weights not in ("auto", "random") and not Path(self.weights).is_file():
             return f"--weights {self.weights}: no such file; give auto, random or the path of a state dict."
-        device_problem = _device_problem(self.device)
-        if device_problem:
-            return device_problem
+        problem = device_problem(self.device)
+        if problem:
+            return problem
         if self.out and not _writable(Path(self.out)):
             return f"--out {self.out} cannot be written; choose a folder you can write to."
         if self.dataset == "folder" and not (Path(self.data_root) / "train").is_dir():
@@ -123,7 +123,7 @@ class CLArgs:
         return None
 
 
-def _device_problem(name: str) -> str | None:
+def device_problem(name: str) -> str | None:
     if name == "auto":
         return None
     try:
@@ -145,7 +145,7 @@ def _writable(path: Path) -> bool:
     return existing.is_dir() and os.access(existing, os.W_OK)
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """--help shows the module docstring as written and every flag's default once."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
@@ -156,7 +156,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def parse_args(cls: type, argv: Sequence[str] | None = None, description: str = "") -> CLArgs:
     """Build argparse from a dataclass's fields, parse, then validate every flag before any work starts."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     for f in fields(cls):
         kw = {"default": f.default, "help": f.metadata["help"]}
         if "choices" in f.metadata:

@@ -64,7 +64,7 @@ def median_split(tasks: Sequence[int], scores: Tensor) -> tuple[list[int], list[
     Ranking (score descending, ties by task id) and cutting at ceil(n/2) is the rule 'score >= median goes
     left' made exact when scores tie or n is even.
     """
-    # reconstructed: the official code's 'score >= torch.median' can put n/2 + 1 tasks on one side; rank instead.
+    # reconstructed: the official code's 'score >= torch.median' can put n/2 + 1 on one side; rank instead (deviation 13).
     ranked = sorted(range(len(tasks)), key=lambda i: (-scores[i].item(), tasks[i]))
     half = math.ceil(len(tasks) / 2)
     return [tasks[i] for i in ranked[:half]], [tasks[i] for i in ranked[half:]]
