@@ -1,0 +1,121 @@
+"""data.py's Fashion-MNIST reader against torchvision's, on idx files the tests write in the original format."""
+import gzip
+import struct
+
+import pytest
+import torch
+
+import data
+from conftest import TINY, learned, run_script
+from continual import CLArgs
+from data import FASHION_MNIST_FILES, UserError, find_fashion_mnist, load_fashion_mnist, read_fashion_mnist, read_idx
+
+
+def idx_bytes(t: torch.Tensor) -> bytes:
+    """The idx format: 0, 0, type 0x08 (uint8), the number of dimensions, big-endian sizes, the values."""
+    return struct.pack(">BBBB", 0, 0, 8, t.dim()) + struct.pack(f">{t.dim()}I", *t.shape) + t.numpy().tobytes()
+
+
+def fake_fashion_mnist(n_train: int = 30, n_test: int = 10, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"train_x": torch.randint(0, 256, (n_train, 28, 28), generator=g, dtype=torch.uint8),
+            "train_y": torch.arange(n_train, dtype=torch.uint8) % 10,
+            "test_x": torch.randint(0, 256, (n_test, 28, 28), generator=g, dtype=torch.uint8),
+            "test_y": torch.arange(n_test, dtype=torch.uint8) % 10}
+
+
+def write_fashion_mnist(folder, tensors: dict, gz: bool) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for key, name in FASHION_MNIST_FILES.items():
+        blob = idx_bytes(tensors[key])
+        if gz:
+            (folder / (name + ".gz")).write_bytes(gzip.compress(blob))
+        else:
+            (folder / name).write_bytes(blob)
+
+
+def test_reader_matches_torchvision(tmp_path):
+    """torchvision's FashionMNIST reads the uncompressed files under root/FashionMNIST/raw; ours must agree."""
+    import torchvision
+    t = fake_fashion_mnist()
+    write_fashion_mnist(tmp_path / "FashionMNIST" / "raw", t, gz=False)
+    ours = load_fashion_mnist(str(tmp_path))  # finds torchvision's folder
+    for train, split in ((True, "train"), (False, "test")):
+        ref = torchvision.datasets.FashionMNIST(str(tmp_path), train=train, download=False)
+        assert torch.equal(ours[f"{split}_x"], ref.data[:, None].expand(-1, 3, -1, -1))  # grey -> 3 channels
+        assert torch.equal(ours[f"{split}_y"], ref.targets)
+    assert ours["class_names"] == torchvision.datasets.FashionMNIST.classes
+
+
+def test_gzipped_files_in_the_root_read_the_same(tmp_path):
+    t = fake_fashion_mnist(seed=3)
+    write_fashion_mnist(tmp_path / "plain", t, gz=False)
+    write_fashion_mnist(tmp_path / "gz", t, gz=True)  # Debian's package ships them gzipped
+    assert all(p.suffix == ".gz" for p in find_fashion_mnist(tmp_path / "gz").values())
+    a, b = load_fashion_mnist(str(tmp_path / "plain")), load_fashion_mnist(str(tmp_path / "gz"))
+    assert all(torch.equal(a[k], b[k]) for k in ("train_x", "train_y", "test_x", "test_y"))
+    assert a["train_x"].shape == (30, 3, 28, 28) and a["train_x"].dtype == torch.uint8
+    assert torch.equal(a["train_x"][:, 0], t["train_x"]) and torch.equal(a["train_y"], t["train_y"].long())
+
+
+def test_bad_idx_files_are_one_sentence(tmp_path):
+    t = fake_fashion_mnist()
+    blob = idx_bytes(t["train_x"])
+    (tmp_path / "short").write_bytes(blob[:-5])
+    with pytest.raises(UserError, match=r"short holds 23515 values, not the 23520 of its shape \(30, 28, 28\)"):
+        read_idx(tmp_path / "short")
+    (tmp_path / "float").write_bytes(b"\x00\x00\x0d\x01" + blob[4:])
+    with pytest.raises(UserError, match=r"float is not an idx file of unsigned bytes \(its header is 00000d01\)"):
+        read_idx(tmp_path / "float")
+    (tmp_path / "broken.gz").write_bytes(gzip.compress(blob)[:40])
+    with pytest.raises(UserError, match=r"broken.gz is corrupt or truncated"):
+        read_idx(tmp_path / "broken.gz")
+    write_fashion_mnist(tmp_path / "mismatch", {**t, "train_y": t["train_y"][:-1]}, gz=False)
+    with pytest.raises(UserError, match=r"are not N images and N labels"):
+        read_fashion_mnist(find_fashion_mnist(tmp_path / "mismatch"))
+
+
+def test_offline_and_absent_names_files_folder_and_debian(tmp_path, monkeypatch):
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
+    with pytest.raises(UserError) as e:
+        load_fashion_mnist(str(tmp_path))
+    message = str(e.value)
+    assert "train-images-idx3-ubyte[.gz]" in message and "t10k-labels-idx1-ubyte[.gz]" in message
+    assert str(tmp_path) in message and "dataset-fashion-mnist" in message and "/usr/share/datasets/fashion-mnist" in message
+    assert len(message.splitlines()) == 1
+
+
+def test_tasks_must_divide_ten_classes(usage_error, tmp_path):
+    write_fashion_mnist(tmp_path, fake_fashion_mnist(), gz=True)
+    assert "--tasks must divide the 10 classes of fashion-mnist" in usage_error(
+        CLArgs, ["--dataset", "fashion-mnist", "--data-root", str(tmp_path), "--tasks", "3"])
+
+
+def test_split_keeps_the_first_images_of_each_class():
+    raw = data.make_synthetic(0, train_per_class=5, test_per_class=4)
+    d = data.split_data(raw, order=data.class_order(1993), tasks=10, train_per_class=3, test_per_class=2,
+                        device=torch.device("cpu"))
+    assert torch.equal(torch.bincount(d.train_y, minlength=100), torch.full((100,), 3))
+    assert torch.equal(torch.bincount(d.test_y, minlength=100), torch.full((100,), 2))
+    first_test = (raw["test_y"] == data.class_order(1993)[0]).nonzero().squeeze(1)[:2]
+    assert torch.equal(d.test_x[d.test_y == 0], raw["test_x"][first_test])
+
+
+def test_fashion_mnist_end_to_end(tmp_path):
+    import json
+    t = fake_fashion_mnist(n_train=200, n_test=50)
+    # learnable: each class is its label's brightness, plus the random texture
+    for split in ("train", "test"):
+        t[f"{split}_x"] = (t[f"{split}_x"] // 4 + 20 * t[f"{split}_y"][:, None, None]).to(torch.uint8)
+    write_fashion_mnist(tmp_path / "fm", t, gz=True)
+    argv = [*TINY[2:], "--dataset", "fashion-mnist", "--data-root", str(tmp_path / "fm"), "--tasks", "5",
+            "--epochs", "2", "--out", str(tmp_path / "run")]
+    run_script("ham", argv)
+    r = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert r["finished"] and not r["synthetic_data"] and r["config"]["dataset"] == "fashion-mnist"
+    assert len(r["class_order"]) == 10 and learned(r)
