@@ -10,7 +10,9 @@ the position grid resampled) and torchvision's ImageNet weights. Nothing here kn
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,22 +232,109 @@ def strip_lora_(model: ViT) -> ViT:
 # Weights: timm-format state dicts of any ViT size, and torchvision's ImageNet weights
 
 
+WRAPPERS = ("teacher", "state_dict", "model", "module")  # DINO/iBOT (teacher first: their evaluations use it),
+# timm's train.py, DeiT/MAE, DDP; the first present that maps names to tensors is the backbone's state dict
+PRETRAINING_ONLY = ("mask_token", "masked_embed", "decoder")  # MAE's decoder and mask token, iBOT's masked_embed
+
+
 def read_weights_file(path: str | Path) -> dict[str, Tensor]:
-    """torch.load a state dict safely (weights_only) and check it maps names to tensors."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise WeightsError(f"{path} is corrupt or truncated, or not a torch file ({_cause(e)}); replace it with "
-                           "a state dict saved by torch.save.") from None
-    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
-        state = state["model"]  # a training checkpoint that wraps its state dict (timm's train.py, DeiT)
+    """A timm-format state dict from .safetensors, or from .pth/.pt/.bin with torch.load(weights_only=True).
+
+    Neither runs code from the file. Common wrappers (WRAPPERS) are opened and a prefix on every backbone name
+    (DDP's module., DINO's backbone., both) is removed, keeping only the names under it; pretraining-only
+    tensors (PRETRAINING_ONLY) are dropped.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise WeightsError(f"{path} is a safetensors file; install the optional extra with pip install "
+                               "safetensors.") from None
+        try:
+            state = load_file(str(path))
+        except Exception as e:
+            raise WeightsError(f"{path} is corrupt or truncated, or not a safetensors file ({_cause(e)}).") from None
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            unsafe = "Unsupported global" in str(e)  # a pickled class or function: refused, never run
+            raise WeightsError(f"{path} holds Python objects that torch.load(weights_only=True) refuses to run; "
+                               "save its state dict alone (torch.save(model.state_dict(), path))." if unsafe else
+                               f"{path} is corrupt or truncated, or not a torch file ({_cause(e)}); replace it with "
+                               "a state dict saved by torch.save.") from None
+    while isinstance(state, Mapping) and not any(isinstance(v, Tensor) for v in state.values()):
+        inner = next((state[k] for k in WRAPPERS if isinstance(state.get(k), Mapping)), None)
+        if inner is None:
+            break
+        state = inner
     if not isinstance(state, Mapping) or not state:
         raise WeightsError(f"{path} holds a {type(state).__name__}, not a state dict mapping names to tensors.")
     for name, value in state.items():
         if not isinstance(name, str) or not isinstance(value, Tensor):
             raise WeightsError(f"{path} is not a state dict: its entry {name!r} is a {type(value).__name__}, "
                                "not a tensor.")
-    return dict(state)
+    return strip_prefix(dict(state))
+
+
+def strip_prefix(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Names under the prefix of the patch embedding (module., backbone., module.backbone., ...), without it;
+    names outside it (a DINO projection head, a decoder) are dropped, as are pretraining-only tensors."""
+    anchor = next((k for k in state if k.endswith("patch_embed.proj.weight")), None)
+    prefix = anchor[:-len("patch_embed.proj.weight")] if anchor else ""
+    return {k[len(prefix):]: v for k, v in state.items()
+            if k.startswith(prefix) and not k[len(prefix):].startswith(PRETRAINING_ONLY)}
+
+
+# The Hugging Face hub's cache: --weights timm/<model name> resolves to a snapshot's weights file offline
+HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def is_hub_name(name: str) -> bool:
+    """'owner/model' (one slash, no weights-file suffix) names a hub repository, not a path."""
+    return bool(HUB_NAME.fullmatch(name)) and not name.endswith((".pt", ".pth", ".bin", ".safetensors"))
+
+
+def hub_cache_dir() -> Path:
+    """$HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub (huggingface_hub's own order)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "hub"
+    return Path.home() / ".cache" / "huggingface" / "hub"
+
+
+def hub_weights(name: str) -> tuple[Path, dict]:
+    """(the weights file, config.json as a dict ({} if absent)) of a hub model, from the cache or, online with
+    huggingface_hub installed, downloaded into it."""
+    folder = hub_cache_dir() / f"models--{name.replace('/', '--')}"
+    snapshots, ref = folder / "snapshots", folder / "refs" / "main"
+    candidates = [snapshots / ref.read_text().strip()] if ref.is_file() else []
+    candidates += sorted(snapshots.iterdir()) if snapshots.is_dir() else []
+    for snapshot in candidates:
+        for file in HUB_WEIGHT_FILES:
+            if (snapshot / file).is_file():
+                config = snapshot / "config.json"
+                return snapshot / file, json.loads(config.read_text()) if config.is_file() else {}
+    try:
+        from huggingface_hub import hf_hub_download
+        weights = Path(hf_hub_download(name, HUB_WEIGHT_FILES[0]))
+        return weights, json.loads(Path(hf_hub_download(name, "config.json")).read_text())
+    except Exception as e:
+        raise WeightsError(f"{name} is not in the Hugging Face cache ({folder}) and could not be downloaded "
+                           f"({_cause(e)}); online, run huggingface-cli download {name} (pip install "
+                           "huggingface_hub), or pass the path of a weights file.") from None
+
+
+def hub_normalization(config: Mapping) -> str | None:
+    """A hub config's input mean and std (timm keeps them under pretrained_cfg) as 'r,g,b/r,g,b', or None."""
+    cfg = config.get("pretrained_cfg", config)
+    mean, std = cfg.get("mean"), cfg.get("std")
+    if not (isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == 3):
+        return None
+    return ",".join(f"{v:g}" for v in mean) + "/" + ",".join(f"{v:g}" for v in std)
 
 
 def _cause(e: Exception) -> str:

@@ -257,3 +257,105 @@ def test_lora_delta_is_the_dense_product():
     want = 2.0 * layer.B.detach() @ layer.A.detach()
     torch.testing.assert_close(layer.delta().detach(), want)
     assert torch.linalg.matrix_rank(want).item() == 3 and math.isclose(layer.scale, 2.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The files users have: safetensors, DINO/iBOT/MAE wrappers and prefixes, the Hugging Face cache
+
+
+def _timm_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return {k: v.clone() for k, v in ViT(PRESETS["vit_nano"], 10).state_dict().items() if not k.startswith("head.")}
+
+
+def _loaded(path) -> ViT:
+    state = lora_vit.read_weights_file(path)
+    model = ViT(lora_vit.config_from_state_dict(state, img_size=32, heads=PRESETS["vit_nano"].heads), 10)
+    lora_vit.load_backbone_(model, state)
+    return model
+
+
+def _assert_same_model(a: ViT, b: ViT) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa if not k.startswith("head."))
+
+
+def _hub_folder(root, name: str, state, config: dict | None):
+    """The Hugging Face cache layout: models--owner--name/{refs/main, snapshots/<commit>/...}."""
+    import json
+    from safetensors.torch import save_file
+    folder = root / f"models--{name.replace('/', '--')}"
+    snapshot = folder / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text("0123abcd")
+    save_file(state, str(snapshot / "model.safetensors"))
+    if config is not None:
+        (snapshot / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_safetensors_wrappers_and_prefixes_load_bit_for_bit(tmp_path):
+    pytest.importorskip("safetensors")
+    from safetensors.torch import save_file
+    state = _timm_state()
+    torch.save(state, tmp_path / "plain.pth")
+    save_file(state, str(tmp_path / "model.safetensors"))
+    dino_head = {"head.mlp.0.weight": torch.randn(5, 48), "head.last_layer.weight_g": torch.randn(5, 1)}
+    torch.save({"student": {f"module.backbone.{k}": v + 1 for k, v in state.items()},  # not the one evaluated
+                "teacher": {**{f"backbone.{k}": v for k, v in state.items()}, **{k: v for k, v in dino_head.items()}},
+                "epoch": 100}, tmp_path / "dino.pth")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 3}, tmp_path / "ddp.pth.tar")
+    torch.save({"model": {**state, "mask_token": torch.zeros(1, 1, 48), "decoder_embed.weight": torch.randn(4, 48)}},
+               tmp_path / "mae.bin")
+    reference = _loaded(tmp_path / "plain.pth")
+    for name in ("model.safetensors", "dino.pth", "ddp.pth.tar", "mae.bin"):
+        _assert_same_model(_loaded(tmp_path / name), reference)
+    assert not torch.equal(reference.state_dict()["blocks.0.attn.qkv.weight"], _timm_state(seed=1)["blocks.0.attn.qkv.weight"])
+
+
+def test_a_file_with_python_objects_is_refused(tmp_path):
+    import argparse
+    torch.save({"args": argparse.Namespace(lr=0.1), "teacher": _timm_state()}, tmp_path / "pickled.pt")  # DINO's full checkpoints
+    with pytest.raises(WeightsError, match=r"pickled.pt holds Python objects that torch.load\(weights_only=True\) refuses"):
+        lora_vit.read_weights_file(tmp_path / "pickled.pt")
+
+
+def test_safetensors_without_the_package_says_what_to_install(tmp_path, monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_safetensors(name, *args, **kwargs):
+        if name.startswith("safetensors"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_safetensors)
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(WeightsError, match="pip install safetensors"):
+        lora_vit.read_weights_file(tmp_path / "model.safetensors")
+
+
+def test_hub_name_resolves_offline_from_the_cache(tmp_path, monkeypatch):
+    pytest.importorskip("safetensors")
+    state = _timm_state()
+    torch.save(state, tmp_path / "plain.pth")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    name = "timm/vit_base_patch16_224.augreg_in21k"
+    _hub_folder(tmp_path / "hf" / "hub", name, state, {"pretrained_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}})
+    assert lora_vit.is_hub_name(name) and not lora_vit.is_hub_name("weights/vit.pth")
+    path, config = lora_vit.hub_weights(name)
+    assert path.name == "model.safetensors" and lora_vit.hub_normalization(config) == "0.5,0.5,0.5/0.5,0.5,0.5"
+    _assert_same_model(_loaded(path), _loaded(tmp_path / "plain.pth"))
+
+
+def test_hub_name_absent_offline_names_the_folder_and_the_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    import sys
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed: no download possible
+    with pytest.raises(WeightsError) as e:
+        lora_vit.hub_weights("timm/vit_small_patch16_224.augreg_in21k")
+    message = str(e.value)
+    assert str(tmp_path / "cache" / "models--timm--vit_small_patch16_224.augreg_in21k") in message
+    assert "huggingface-cli download timm/vit_small_patch16_224.augreg_in21k" in message
