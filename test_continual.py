@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import continual
+from data import class_order, make_synthetic, read_cifar100, read_image_folder, split_data
 from conftest import HERE, TINY, learned, write_cifar100_pickles
 from continual import CLArgs, UserError
 from lora_vit import PRESETS, ViT, add_lora_, lora_layers, lora_parameters
@@ -33,15 +34,15 @@ def run(tmp_path, *argv: str) -> dict:
 
 
 def test_class_order_is_the_pycil_one():
-    assert continual.class_order(1993)[:10] == [68, 56, 78, 8, 23, 84, 90, 65, 74, 76]
-    assert sorted(continual.class_order(5)) == list(range(100)) and continual.class_order(5) != continual.class_order(1993)
+    assert class_order(1993)[:10] == [68, 56, 78, 8, 23, 84, 90, 65, 74, 76]
+    assert sorted(class_order(5)) == list(range(100)) and class_order(5) != class_order(1993)
 
 
 def test_cifar_reader_reads_original_format(tmp_path):
     folder = write_cifar100_pickles(tmp_path, train_per_class=2, test_per_class=1)
     with open(folder / "train", "rb") as f:
         original = pickle.load(f, encoding="bytes")
-    got = continual.read_cifar100(folder)
+    got = read_cifar100(folder)
     assert got["train_x"].shape == (200, 3, 32, 32) and got["train_x"].dtype == torch.uint8
     assert got["test_x"].shape == (100, 3, 32, 32)
     assert got["train_y"].tolist() == original[b"fine_labels"]
@@ -61,7 +62,7 @@ def test_cifar_reader_refuses_tampered_pickle(tmp_path):
     with open(folder / "train", "wb") as f:
         pickle.dump({b"data": Evil()}, f, protocol=2)
     with pytest.raises(UserError, match=r"asks to load __builtin__\.exec, which a CIFAR-100 file never does; refusing"):
-        continual.read_cifar100(folder)
+        read_cifar100(folder)
     assert not marker.exists()
 
 
@@ -70,7 +71,7 @@ def test_truncated_cifar_file_is_called_corrupt_or_truncated(tmp_path):
     data = (folder / "train").read_bytes()
     (folder / "train").write_bytes(data[: len(data) // 2])  # a half-finished download
     with pytest.raises(UserError, match=r"train is corrupt or truncated .*delete it to download it again"):
-        continual.read_cifar100(folder)
+        read_cifar100(folder)
 
 
 def test_cifar_reader_rejects_wrong_structure(tmp_path):
@@ -78,12 +79,12 @@ def test_cifar_reader_rejects_wrong_structure(tmp_path):
     with open(folder / "test", "wb") as f:
         pickle.dump({b"data": [1, 2, 3]}, f, protocol=2)
     with pytest.raises(UserError, match="no uint8 'data' array"):
-        continual.read_cifar100(folder)
+        read_cifar100(folder)
 
 
 def test_split_relabels_by_class_order():
-    raw = continual.make_synthetic(0, train_per_class=3, test_per_class=2)
-    data = continual.split_data(raw, order=continual.class_order(1993), tasks=10, train_per_class=2,
+    raw = make_synthetic(0, train_per_class=3, test_per_class=2)
+    data = split_data(raw, order=class_order(1993), tasks=10, train_per_class=2,
                                 device=torch.device("cpu"))
     assert len(data.train_y) == 200 and torch.bincount(data.train_y).tolist() == [2] * 100
     first = (raw["train_y"] == 68).nonzero()[0, 0]  # relabelled class 0 is original class 68
@@ -92,7 +93,7 @@ def test_split_relabels_by_class_order():
 
 
 def test_synthetic_images_each_get_their_own_shift():
-    raw = continual.make_synthetic(0, train_per_class=20, test_per_class=1)
+    raw = make_synthetic(0, train_per_class=20, test_per_class=1)
     x = raw["train_x"][raw["train_y"] == 0].float()  # 20 images of class 0
     x = x - x.mean(dim=(1, 2, 3), keepdim=True)
     best = set()
@@ -139,7 +140,7 @@ def _write_png_tree(root, classes: int, train: int, test: int, size: int = 20):
 def test_folder_dataset_reads_a_png_tree(tmp_path):
     _write_png_tree(tmp_path, classes=4, train=3, test=2)
     (tmp_path / "train" / "class_a" / "notes.txt").write_text("not an image, not an image suffix: skipped")
-    raw = continual.read_image_folder(tmp_path, img_size=32)
+    raw = read_image_folder(tmp_path, img_size=32)
     assert raw["class_names"] == ["class_a", "class_b", "class_c", "class_d"]
     assert raw["train_x"].shape == (12, 3, 32, 32) and raw["train_x"].dtype == torch.uint8
     assert raw["train_y"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3] and raw["test_x"].shape == (8, 3, 32, 32)
@@ -151,14 +152,14 @@ def test_folder_dataset_names_every_unreadable_image(tmp_path):
     for name in ("train/class_a/broken.png", "test/class_b/empty.jpg"):
         (tmp_path / name).write_bytes(b"")
     with pytest.raises(UserError, match=r"2 file\(s\) cannot be read as images: .*broken\.png, .*empty\.jpg\."):
-        continual.read_image_folder(tmp_path, img_size=16)
+        read_image_folder(tmp_path, img_size=16)
 
 
 def test_folder_dataset_needs_the_same_classes_in_test(tmp_path):
     _write_png_tree(tmp_path, classes=2, train=1, test=1)
     (tmp_path / "train" / "class_z").mkdir()
     with pytest.raises(UserError, match="must hold the same class folders"):
-        continual.read_image_folder(tmp_path, img_size=16)
+        read_image_folder(tmp_path, img_size=16)
 
 
 def test_folder_dataset_end_to_end(tmp_path):
@@ -205,7 +206,7 @@ def _model_and_data(tasks: int = 5):
     torch.manual_seed(0)
     model = ViT(PRESETS["vit_nano"], num_classes=100)
     add_lora_(model, ["qkv"], rank=4, lora_alpha=4.0)
-    data = continual.split_data(continual.make_synthetic(0, 4, 2), order=continual.class_order(1993), tasks=tasks,
+    data = split_data(make_synthetic(0, 4, 2), order=class_order(1993), tasks=tasks,
                                 train_per_class=4, device=torch.device("cpu"))
     return model, data
 
@@ -300,8 +301,8 @@ def test_plot_or_a_hint(tmp_path):
 
 
 BAD_FLAGS = [
-    (["--tasks", "7"], "--tasks must divide 100"),
-    (["--tasks", "1"], "--tasks must divide 100"),
+    (["--tasks", "7"], "--tasks must divide the 100 classes of cifar100"),
+    (["--tasks", "1"], "--tasks must divide the 100 classes of cifar100"),
     (["--tasks", "ten"], "invalid int value"),
     (["--targets", "qkv,foo"], "--targets must be"),
     (["--rank", "0"], "--rank must be at least 1"),
@@ -320,7 +321,8 @@ BAD_FLAGS = [
     (["--dataset", "mnist"], "invalid choice"),
     (["--dataset", "folder", "--data-root", "/no/such/folder"], "holds no train/ folder"),
     (["--backbone", "resnet"], "invalid choice"),
-    (["--normalize", "zscore"], "invalid choice"),
+    (["--normalize", "zscore"], "--normalize zscore is not auto, imagenet, 0.5 or three means"),
+    (["--normalize", "0.5,0.5,0.5/1,0,1"], "three positive stds"),
     (["--device", "tpu"], "--device tpu"),
     (["--device", "foo"], "--device foo is not a device"),
 ]

@@ -162,7 +162,7 @@ def _malformed_flags() -> list[tuple[str, list[str], int, str]]:
 
 
 OUT_OF_RANGE = [
-    ("ham", ["--tasks", "3"], 2, "--tasks must divide 100"),
+    ("ham", ["--tasks", "3"], 2, "--tasks must divide the 100 classes"),
     ("ham", ["--rank", "-2"], 2, "--rank must be at least 1"),
     ("ham", ["--density", "2"], 2, "--density must be in (0, 1]"),
     ("ham", ["--weights", "/no/such.pt"], 2, "no such file"),

@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import continual
+from data import class_order, make_synthetic, split_data
 import treelora
 from conftest import TINY, learned, run_script
 from lora_vit import PRESETS, ViT, add_lora_, lora_parameters
@@ -180,7 +181,7 @@ def _setup(tasks: int = 4, *, lam: float = 0.5, grad_density: float = 1.0, arm: 
     model = ViT(PRESETS["vit_nano"], num_classes=100)
     add_lora_(model, ["qkv"], rank=4, lora_alpha=4.0)
     method = treelora.TreeLoRA(model, lam=lam, lcb_c=0.01, grad_density=grad_density, arm=arm)
-    data = continual.split_data(continual.make_synthetic(0, 8, 2), order=continual.class_order(1993), tasks=tasks,
+    data = split_data(make_synthetic(0, 8, 2), order=class_order(1993), tasks=tasks,
                                 train_per_class=8, device=torch.device("cpu"))
     gen, device_gen = continual.run_generators(0, torch.device("cpu"))
     batches = lambda t: continual.TaskBatches(data, t, batch_size=16, img_size=32, normalize="imagenet", gen=gen,
@@ -190,7 +191,7 @@ def _setup(tasks: int = 4, *, lam: float = 0.5, grad_density: float = 1.0, arm: 
 
 def _train(model, method, batches, task: int, epochs: int = 1) -> None:
     clock = {"start": 0.0, "epochs_done": 0, "epochs_total": epochs}
-    continual.train_task(model, method, batches, epochs=epochs, lr=5e-3, task=task, tasks=4, clock=clock,
+    continual.train_task(model, method, batches, epochs=epochs, lr=5e-3, head_lr=5e-3, task=task, tasks=4, clock=clock,
                          log=lambda line: None)
     method.end_task(task, batches, lambda line: None)
 
@@ -315,7 +316,7 @@ def test_sparse_gradients_reach_the_optimiser(monkeypatch):
     (["--lcb-c", "-0.5"], "--lcb-c must be a non-negative number"),
     (["--grad-density", "0"], "--grad-density must be in (0, 1]"),
     (["--arm", "best"], "invalid choice"),
-    (["--tasks", "3"], "--tasks must divide 100"),
+    (["--tasks", "3"], "--tasks must divide the 100 classes"),
 ])
 def test_bad_flags(argv, message, usage_error):
     assert message in usage_error(treelora.Args, argv)

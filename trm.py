@@ -221,7 +221,12 @@ class TRM(Method):
 
     def end_task(self, task: int, batches: TaskBatches, log: Callable[[str], None]) -> dict:
         K = len(self.trajectory)
-        directions = [torch.stack([snap[l] for snap in self.trajectory]) for l in range(len(self.layers))]  # (K, d, k)
+        directions = []  # per layer (K, d, k); each snapshot's layer is released once stacked: one copy at a time
+        for l in range(len(self.layers)):
+            directions.append(torch.stack([snap[l] for snap in self.trajectory]))
+            for snap in self.trajectory:
+                snap[l] = None
+        self.trajectory = []
         for layer in self.layers:
             layer.reset_adapter_()  # from here on the model's outputs come from its base weights alone
         c_init = initial_coefficients(len(self.layers), K, device=self.w0[0].device)
