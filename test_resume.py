@@ -55,6 +55,8 @@ def _assert_identical(out: Path, reference: Path) -> None:
     for k in ("g", "drifts", "merged"):
         for a, b in zip(c["method_state"].get(k, []), c0["method_state"].get(k, [])):
             assert torch.equal(a, b), k
+    for k in ("means", "factors"):  # the head's statistics (the default classifier, align, keeps both)
+        assert c["classifier"][k] is not None and torch.equal(c["classifier"][k], c0["classifier"][k]), k
     for a, b in zip(c["method_state"].get("groups", []), c0["method_state"].get("groups", [])):
         assert a["members"] == b["members"] and all(torch.equal(x, y) for x, y in zip(a["delta"], b["delta"]))
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
+import continual
 import trm
 from conftest import TINY, learned, run_script
 from lora_vit import PRESETS, LoRALinear, ViT, add_lora_
@@ -112,6 +113,8 @@ def test_bad_flags(argv, message, usage_error):
 
 class FixedBatches:
     """The same batch at every step: a merge's objective can then be compared before and after."""
+
+    ranks, shard_weight = continual.SINGLE, 1.0  # one process, as TaskBatches outside torchrun
 
     def __init__(self, x, y, classes: range):
         self.x, self.y, self.classes = x, y, classes
@@ -233,3 +236,20 @@ def test_end_to_end_synthetic(tmp_path):
     assert last["objectives_before"]["trust"] == 0 and last["objectives_after"]["trust"] > 0
     assert r["tasks"][0]["objectives_before"]["consistency"] == 0  # no old classes in the first task
     assert "TRM merge, on its first batch:" in stdout and "responsiveness hinge" in stdout
+
+
+def test_snapshots_are_held_once_while_merging(monkeypatch):
+    """The merge works on the stacked directions; the trajectory's own copies are gone before it starts."""
+    method = _trm(merge_steps=2)
+    _task(method, 0, _fixed_batch(0), seed=0)
+    snapshots = [t for snap in method.trajectory for t in snap]
+    seen = {}
+    real = trm.initial_coefficients
+
+    def spy(*args, **kwargs):  # called after the directions are stacked, before the merge's first step
+        seen["trajectory"] = list(method.trajectory)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trm, "initial_coefficients", spy)
+    method.end_task(0, _fixed_batch(0), lambda line: None)
+    assert seen["trajectory"] == [] and len(snapshots) == 2 * len(method.layers)

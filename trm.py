@@ -254,7 +254,9 @@ class TRM(Method):
                 fixed = fixed or (x, y)  # the merge's first batch: its objectives are reported before and after
                 terms = objective(c, x, y)
                 opt.zero_grad(set_to_none=True)
-                terms["total"].backward()
+                ranks = batches.ranks  # under torchrun: this rank's slice, weighed by its share, gradients summed
+                (terms["total"] if ranks.world == 1 else terms["total"] * batches.shard_weight).backward()
+                ranks.sum_gradients_([c])
                 opt.step()
                 step += 1
                 if step == self.merge_steps:
