@@ -16,9 +16,11 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 HERE = Path(__file__).parent
-# the smallest runs that still learn: vit_nano (2 blocks, width 48) on synthetic data, the masked linear head
-# (cheapest; test_classifier.py and test_resume.py run the other heads)
-TINY = ["--dataset", "synthetic", "--backbone", "vit_nano", "--batch-size", "32", "--classifier", "linear"]
+# the smallest runs that still learn: vit_nano (2 blocks, width 48) on synthetic data with the random-init smoke
+# protocol (one rate 5e-3, the masked linear head: cheapest;
+# test_classifier.py and test_resume.py run the other heads)
+TINY = ["--dataset", "synthetic", "--backbone", "vit_nano", "--batch-size", "32", "--lr", "5e-3", "--head-lr", "5e-3",
+        "--classifier", "linear"]
 
 
 def write_cifar100_pickles(root: Path, train_per_class: int = 6, test_per_class: int = 3, seed: int = 0) -> Path:

@@ -124,7 +124,8 @@ def test_baselines_run_and_write_results(tmp_path):
     assert r["method"] == "ncm" and r["trainable_params"] == 0 and r["finished"] and learned(r)
     log = (tmp_path / "ncm" / "log.txt").read_text()
     assert log.count("nothing to train") == 4 and "epoch 1/2" not in log  # one feature pass per task, no training
-    run_script("baselines", [*base, "--baseline", "joint", "--out", str(tmp_path / "joint")])
+    run_script("baselines", [*base, "--baseline", "joint", "--classifier", "align", "--lr", "5e-3", "--head-lr", "5e-3",
+                             "--out", str(tmp_path / "joint")])  # the random-init protocol: a fast LoRA learns
     j = json.loads((tmp_path / "joint" / "results.json").read_text())
     assert j["method"] == "joint" and len(j["accuracy_matrix"]) == 1 and j["config"]["tasks"] == 1
     assert j["metrics"]["A_last"] > 3  # 100 classes at once: chance is 1%

@@ -114,7 +114,7 @@ def test_fashion_mnist_end_to_end(tmp_path):
         t[f"{split}_x"] = (t[f"{split}_x"] // 4 + 20 * t[f"{split}_y"][:, None, None]).to(torch.uint8)
     write_fashion_mnist(tmp_path / "fm", t, gz=True)
     argv = [*TINY[2:], "--dataset", "fashion-mnist", "--data-root", str(tmp_path / "fm"), "--tasks", "5",
-            "--epochs", "2", "--out", str(tmp_path / "run")]
+            "--epochs", "2", "--classifier", "align", "--out", str(tmp_path / "run")]
     run_script("ham", argv)
     r = json.loads((tmp_path / "run" / "results.json").read_text())
     assert r["finished"] and not r["synthetic_data"] and r["config"]["dataset"] == "fashion-mnist"
