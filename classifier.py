@@ -152,11 +152,13 @@ class Classifier:
             return
         if self.drift == "sdc" and self.means is not None:
             self.means = compensate_drift(self.means, before, features, labels)
-        means, factors = class_statistics(features, labels, classes)
-        self.means = means if self.means is None else torch.cat([self.means, means])
-        if self.kind == "ncm":
+        if self.kind == "ncm":  # the means alone (as class_statistics computes them), no covariance
+            means = torch.stack([features[labels == k].double().mean(0).float() for k in classes])
+            self.means = means if self.means is None else torch.cat([self.means, means])
             ncm_head_(self.head.weight, self.head.bias, self.means)
             return
+        means, factors = class_statistics(features, labels, classes)
+        self.means = means if self.means is None else torch.cat([self.means, means])
         self.factors = factors if self.factors is None else torch.cat([self.factors, factors])
         align_head_(self.head.weight, self.head.bias, self.means, self.factors, gen)
 

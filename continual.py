@@ -595,9 +595,10 @@ def train_task(model: ViT, method: Method, batches: TaskBatches, *, epochs: int,
             seen += len(y)
         if sync_check:
             torch.cuda.set_sync_debug_mode("default")
-        counts = torch.tensor(float(seen), device=device)
-        ranks.sum_(loss_sum, hits, counts)
-        seen = int(counts.item())
+        if ranks.world > 1:  # the epoch's totals over every rank's slices
+            counts = torch.tensor(float(seen), device=device)
+            ranks.sum_(loss_sum, hits, counts)
+            seen = int(counts.item())
         mean_loss = loss_sum.item() / seen  # one host sync per epoch
         if not math.isfinite(mean_loss):
             raise UserError(f"the loss became non-finite at task {task + 1}, epoch {epoch + 1}, step "
