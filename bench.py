@@ -74,19 +74,43 @@ PRESETS = {
 
 SEQLORA = ("treelora", ["--lam", "0", "--grad-density", "1"])  # one LoRA trained on every task in turn
 LINEAR = ["--classifier", "linear"]  # the masked head as trained: the classifier's ablation
-BASELINES = {  # label -> (script, flags): beside the methods in every comparison
-    "SeqLoRA": SEQLORA,
-    "nearest class mean (frozen)": ("baselines", ["--baseline", "frozen", "--classifier", "ncm"]),
-    "frozen backbone + head": ("baselines", ["--baseline", "frozen"]),
-    "joint (upper bound)": ("baselines", ["--baseline", "joint"]),
+ALIGN, RIDGE = ["--classifier", "align"], ["--classifier", "ridge"]
+FROZEN, FIRST = ["--baseline", "frozen"], ["--baseline", "first-session"]
+
+
+def learner_rows(label: str, script: str, flags: list[str], heads: dict[str, str | None]) -> dict:
+    """One run of a learner, a row per head: suffix -> a --compare-heads name, or None for the run's own head."""
+    return {f"{label} + {suffix}": (script, flags, head) for suffix, head in heads.items()}
+
+
+BOTH = {"align": None, "ridge": "ridge"}  # the run's own head is align; RanPAC's head beside it
+STALE = {  # what stale statistics cost, and what a linear map of the drift wins back (the oracle is a diagnostic)
+    "align": None, "align, linear drift": "align/linear", "align, oracle": "align/oracle",
+    "ridge": "ridge", "ridge, oracle": "ridge/oracle",
+    "plain ridge (M = 0)": "ridge0", "plain ridge, linear drift": "ridge0/linear", "plain ridge, oracle": "ridge0/oracle",
 }
-# set -> label -> (script, extra flags); {tasks} is filled in. The first row of an ablation set is the method.
+# set -> label -> (script, extra flags[, head]); {tasks} is filled in. A row with a head reads that --compare-heads
+# entry of the run its script and flags make, so rows of one run share it. The first row of an ablation set is the
+# method.
 SETS = {
-    "methods": {
-        "HAM": ("ham", []),
-        "TreeLoRA": ("treelora", []),
-        "TRM": ("trm", []),
-        **BASELINES,
+    "methods": {  # every learner under the aligned head and RanPAC's ridge head, and the baselines
+        **learner_rows("HAM", "ham", ALIGN, BOTH),
+        **learner_rows("TreeLoRA", "treelora", ALIGN, BOTH),
+        "TRM + align": ("trm", ALIGN),
+        "TRM + ridge": ("trm", RIDGE),  # TRM's merge reads the head, so each head is a run of its own
+        **learner_rows("SeqLoRA", *SEQLORA, BOTH),
+        **learner_rows("frozen", "baselines", [*FROZEN, *ALIGN], {**BOTH, "nearest class mean": "ncm"}),
+        **learner_rows("first-session", "baselines", [*FIRST, *ALIGN], BOTH),
+        **learner_rows("joint (upper bound)", "baselines", ["--baseline", "joint", *ALIGN], BOTH),
+    },
+    "drift": {  # each adapting learner's heads with stale, linearly carried and oracle statistics
+        **learner_rows("HAM", "ham", ALIGN, STALE),
+        **learner_rows("TreeLoRA", "treelora", ALIGN, STALE),
+        **learner_rows("TRM", "trm", ALIGN, STALE),
+        "TRM + ridge (own)": ("trm", RIDGE),
+        "TRM + ridge (own), oracle": ("trm", RIDGE, "ridge/oracle"),
+        **learner_rows("SeqLoRA", *SEQLORA, STALE),
+        **learner_rows("frozen", "baselines", [*FROZEN, *ALIGN], {"align": None, "ridge": "ridge"}),
     },
     "ham": {
         "HAM": ("ham", []),
@@ -117,6 +141,10 @@ SETS = {
         "plain merge (0 steps)": ("trm", ["--merge-steps", "0"]),
     },
 }
+# the ridge head's projection width M on the frozen backbone: accuracy against the cost of the M x M solve
+SETS["ridge_width"] = {f"frozen + ridge, M = {m}": ("baselines", ["--baseline", "frozen", "--classifier", "ridge",
+                                                               "--rp-dim", str(m)])
+                       for m in (0, 1000, 2000, 5000, 10000)}
 SCRIPTS = {"ham": ham, "treelora": treelora, "trm": trm, "baselines": baselines}
 
 
@@ -171,7 +199,9 @@ def compare(preset: str, variant_set: str, seeds: int, out: Path, device: str, j
     """Every variant of the set (or those named in `only`) with seeds 0..seeds-1, each run its own process,
     `jobs` at a time."""
     p = PRESETS[preset]
-    variants = {k: v for k, v in SETS[variant_set].items() if not only or k in only}
+    variants = {k: (*v, None)[:3] for k, v in SETS[variant_set].items() if not only or k in only}
+    heads_of = run_heads()
+    compare_heads = {(script, tuple(extra)): heads_of[(script, tuple(extra))] for script, extra, _ in variants.values()}
     task_counts = task_counts or p["tasks"]
     weights = p["flags"][p["flags"].index("--weights") + 1] if "--weights" in p["flags"] else "auto"
     if weights not in ("auto", "random") and not Path(weights).is_file():
@@ -182,18 +212,20 @@ def compare(preset: str, variant_set: str, seeds: int, out: Path, device: str, j
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["continual", "ham", "treelora", "trm", "baselines", "bench"])
     threads = max(1, torch.get_num_threads() // jobs)
-    planned = []  # (label, tasks, seed, script, argv, folder)
+    planned = []  # (run, tasks, seed, script, argv, folder): each run once, whatever number of rows read it
     for tasks in task_counts:
-        for label, (script, extra) in variants.items():
+        for (script, extra), heads in compare_heads.items():
             for seed in range(seeds):
-                slug = "".join(ch if ch.isalnum() else "_" for ch in label.lower())
-                folder = out / f"T{tasks}" / slug / f"seed{seed}"
+                run = run_name(script, extra)
+                folder = out / f"T{tasks}" / run / f"seed{seed}"
                 argv = [*p["flags"], "--tasks", str(tasks), "--seed", str(seed), "--device", device,
                         "--out", str(folder), *p["method_flags"].get(script, []),
                         *(a.format(tasks=tasks) for a in extra)]
+                if heads:
+                    argv += ["--compare-heads", ",".join(heads)]
                 if (folder / continual.CHECKPOINT).exists():
                     argv.append("--resume")  # a finished run is read back, an interrupted one goes on
-                planned.append((label, tasks, seed, script, argv, folder))
+                planned.append(((script, tuple(extra)), tasks, seed, script, argv, folder))
     running: list[tuple[multiprocessing.Process, tuple, str]] = []
     results: dict[tuple, dict] = {}
     # with several GPUs visible and --device cuda, each job gets a GPU of its own, the least recently freed
@@ -202,16 +234,18 @@ def compare(preset: str, variant_set: str, seeds: int, out: Path, device: str, j
 
     def reap(child, job, where: str) -> None:
         child.join()
-        label, tasks, seed, _, _, folder = job
+        run, tasks, seed, _, _, folder = job
         if where.startswith("cuda:"):
             gpus.append(int(where.split(":")[1]))
         if child.exitcode != 0:
-            sys.exit(f"bench: {label} with {tasks} tasks, seed {seed} failed (exit {child.exitcode}); see {folder}/log.txt")
+            sys.exit(f"bench: {folder} failed (exit {child.exitcode}); see {folder}/log.txt")
         r = json.loads((folder / "results.json").read_text())
-        results[(label, tasks, seed)] = r
-        m = r["metrics"]
-        print(f"  {label:30s} T={tasks:<3d} seed {seed}: A_last {m['A_last']:6.2f}  forgetting "
-              f"{m['forgetting']:6.2f}  {r['train_seconds']:7.1f}s  on {where}", flush=True)
+        results[(run, tasks, seed)] = r
+        for label, (script, extra, head) in variants.items():
+            if (script, tuple(extra)) == run:
+                m = (r["heads"][head] if head else r)["metrics"]
+                print(f"  {label:40s} T={tasks:<3d} seed {seed}: A_last {m['A_last']:6.2f}  forgetting "
+                      f"{m['forgetting']:6.2f}  {r['train_seconds']:7.1f}s  on {where}", flush=True)
 
     for job in planned:
         while len(running) >= jobs or (spread and not gpus):  # a free slot, and a free GPU when spreading
@@ -232,17 +266,36 @@ def compare(preset: str, variant_set: str, seeds: int, out: Path, device: str, j
 
     rows, curves = [], {}
     for tasks in task_counts:
-        for label in variants:
-            runs = [results[(label, tasks, seed)] for seed in range(seeds)]
-            if timing_seconds:  # after every run, one model at a time: the timings share the CPU with nothing
-                for r in runs:
-                    model = final_model(Path(r["out"]), r["config"], len(r["class_order"]))
-                    r["inference_images_per_second"] = inference_images_per_second(
-                        model, torch.device(device), batch=128, seconds=timing_seconds, img_size=model.cfg.img_size)
+        if timing_seconds:  # after every run, one model at a time: the timings share the CPU with nothing
+            for r in (r for (_, t, _), r in results.items() if t == tasks):
+                model = final_model(Path(r["out"]), r["config"], len(r["class_order"]))
+                r["inference_images_per_second"] = inference_images_per_second(
+                    model, torch.device(device), batch=128, seconds=timing_seconds, img_size=model.cfg.img_size)
+        for label, (script, extra, head) in variants.items():
+            runs = [results[((script, tuple(extra)), tasks, seed)] for seed in range(seeds)]
+            if head:  # a head kept beside the run's: its accuracy, the run's cost
+                runs = [{**r, **r["heads"][head]} for r in runs]
             rows.append(summarise(label, tasks, runs))
             curves[f"{label}|{tasks}"] = [statistics.mean(r["metrics"]["A_t"][t] for r in runs)
                                           for t in range(len(runs[0]["metrics"]["A_t"]))]
     return {"rows": rows, "curves": curves, "jobs": jobs}
+
+
+def run_heads() -> dict[tuple, list[str]]:
+    """Run (script, flags) -> the heads that rows of any set read beside its own: a run is the same folder in
+    every set, so a set run after another reads its runs back."""
+    heads: dict[tuple, list[str]] = {}
+    for rows in SETS.values():
+        for script, extra, head in ((*v, None)[:3] for v in rows.values()):
+            names = heads.setdefault((script, tuple(extra)), [])
+            if head and head not in names:
+                names.append(head)
+    return heads
+
+
+def run_name(script: str, extra: list[str]) -> str:
+    """The folder of a run: its script and flags, e.g. treelora_lam_0_grad_density_1."""
+    return "_".join(["".join(ch if ch.isalnum() else "_" for ch in a.lstrip("-")) for a in (script, *extra)])
 
 
 def summarise(label: str, tasks: int, runs: list[dict]) -> dict:

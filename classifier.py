@@ -11,10 +11,23 @@ computed by the backbone as it now is, and `--classifier` says what becomes of t
           retrained on features sampled from the classes' Gaussians;
   ncm     nearest class mean (SimpleCIL, Zhou et al. arXiv 2303.07338; Janson et al. arXiv 2210.04428): each
           class's row becomes its unit mean feature and its bias 0, so argmax of the logits is the class of
-          highest cosine to the feature.
+          highest cosine to the feature;
+  ridge   RanPAC's head (McDonnell et al. NeurIPS 2023, arXiv 2307.02251): a fixed Gaussian projection W (D x M),
+          h = ReLU(f W), the Gram matrix G = sum h^T h and Q = sum h^T y (one-hot) accumulated task by task, and
+          the logits h (G + lambda I)^-1 Q over every seen class; M = 0 is the plain ridge head on f.
 
 A class's statistics are taken once, with the backbone at the end of the class's task, and never refreshed:
-the methods keep no old data to refresh them with.
+the methods keep no old data to refresh them with. `drift` says what happens to them when the backbone moves:
+
+  none    nothing (the default);
+  sdc     old class means move by the drift of the new task's images near them (SDC; means only: align, ncm);
+  linear  a linear map A fitted by least squares from the new task's features before the task to the same
+          images' features after it carries every stored statistic: mu -> mu A, Sigma -> A^T Sigma A,
+          G -> A^T G A, Q -> A^T Q (exact for second-order statistics; a ReLU projection's G does not transform,
+          so it serves align, ncm and ridge with M = 0);
+  oracle  a diagnostic, never a default: the statistics of every seen class are recomputed from all its
+          training images under the current backbone. It uses old data, which no method keeps; the gap to it
+          is what stale statistics cost.
 """
 from __future__ import annotations
 
@@ -23,14 +36,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-CLASSIFIERS = ("linear", "align", "ncm")
-DRIFT = ("none", "sdc")  # what moves old class means when the backbone changes: nothing, or SDC
+CLASSIFIERS = ("linear", "align", "ncm", "ridge")
+DRIFT = ("none", "sdc", "linear", "oracle")  # what moves old statistics when the backbone changes
 ALIGN_SAMPLES = 256  # features sampled per class and epoch, SLCA's num_sampled_pcls
 ALIGN_EPOCHS = 20  # SLCA uses 5 (ca_epochs) on 100 classes; with 10 classes 20 measured better (README)
 ALIGN_LR = 0.01  # SGD, momentum 0.9, cosine-annealed over the epochs (SLCA)
 # reconstructed: a ridge of 1e-4 times the mean variance keeps a covariance from fewer images than dimensions
 # positive definite, scale-free (README, deviation 25).
 RIDGE = 1e-4
+RIDGE_LAMBDAS = tuple(10.0 ** k for k in range(-8, 9))  # RanPAC's grid for the ridge head's lambda
+FIT_SHARE = 0.8  # RanPAC: lambda is fitted on 80 % of the task's features and scored on the other 20 %
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -118,20 +133,97 @@ def ncm_head_(weight: Tensor, bias: Tensor, means: Tensor) -> None:
     bias[:C] = 0
 
 
+def ncm_means(features: Tensor, labels: Tensor, classes: range) -> Tensor:
+    """Each class's mean feature (c, D), float32 (as class_statistics computes it, without the covariance)."""
+    return torch.stack([features[labels == k].double().mean(0).float() for k in classes])
+
+
+def project(features: Tensor, projection: Tensor | None) -> Tensor:
+    """The ridge head's input: h = ReLU(f W) for a projection W (D, M); f itself (float64) when W is None."""
+    f = features.double()
+    return f if projection is None else torch.relu(f @ projection.double())
+
+
+def one_hot(labels: Tensor, classes: range) -> Tensor:
+    """(N, C) float64 targets over classes 0..classes.stop-1 (every class seen so far)."""
+    return F.one_hot(labels, classes.stop).double()
+
+
+def ridge_solve(G: Tensor, Q: Tensor, lam: float) -> Tensor:
+    """(G + lam I)^-1 Q, float64: the ridge head's weights (M, C) from its Gram matrix and targets."""
+    eye = torch.eye(len(G), dtype=G.dtype, device=G.device)
+    return torch.linalg.solve(G + lam * eye, Q)
+
+
+def choose_lambda(h: Tensor, y: Tensor, lambdas: tuple[float, ...], gen: torch.Generator) -> tuple[float, list[float]]:
+    """RanPAC's rule for lambda: fit the ridge head on 80 % of one task's (h, y) rows, score the mean squared error
+    of its outputs on the other 20 %, and take the grid's lowest (the smallest lambda on a tie).
+
+    h: (N, M) float64 inputs of the head, y: (N, C) one-hot. Returns lambda and every grid point's error. All
+    lambdas come from one eigendecomposition: in the dual, K = H H^T (n x n), when there are fewer fitting rows
+    n than M (h_v H^T (K + lam I)^-1 Y equals the primal h_v (H^T H + lam I)^-1 H^T Y), else of G = H^T H.
+    """
+    # reconstructed: the 80/20 split is of a seeded permutation of the task's rows; RanPAC's loader is shuffled
+    # too, but our features come class by class (README, deviation 29).
+    order = torch.randperm(len(h), generator=gen, device=gen.device).to(h.device)
+    n = int(len(h) * FIT_SHARE)
+    fit, val = order[:n], order[n:]
+    H, Y, Hv, Yv = h[fit], y[fit], h[val], y[val]
+    if n < H.shape[1]:  # dual: P(lam) = (Hv H^T U) diag(1 / (e + lam)) (U^T Y)
+        e, U = torch.linalg.eigh(H @ H.T)
+        left, right = Hv @ H.T @ U, U.T @ Y
+    else:  # primal: P(lam) = (Hv V) diag(1 / (e + lam)) (V^T H^T Y)
+        e, V = torch.linalg.eigh(H.T @ H)
+        left, right = Hv @ V, V.T @ (H.T @ Y)
+    e = e.clamp_min(0)  # a Gram matrix is positive semi-definite; rounding can leave tiny negatives
+    errors = [((left / (e + lam)) @ right - Yv).pow(2).mean().item() for lam in lambdas]
+    return lambdas[min(range(len(lambdas)), key=errors.__getitem__)], errors
+
+
+def linear_drift_map(before: Tensor, after: Tensor) -> Tensor:
+    """A (D, D) minimising |before A - after|^2 + eps |A - I|^2: the linear map that carries features before a task to
+    the same images' features after it (SLDC's transition operator, arXiv 2511.09926), rows as features.
+
+    A = I + (B^T B + eps I)^-1 B^T (after - B): the drift is fitted, and directions the task's images do not span
+    keep no drift instead of collapsing to 0.
+    """
+    # reconstructed: the ridge toward the identity, eps = 1e-4 times the mean squared feature, keeps the normal
+    # equations well posed when the task's images span fewer directions than D (README, deviation 30).
+    b, a = before.double(), after.double()
+    gram = b.T @ b
+    eye = torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+    return eye + torch.linalg.solve(gram + RIDGE * (gram.trace() / len(gram) + 1e-12) * eye, b.T @ (a - b))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The head's state across tasks
 
 
 class Classifier:
-    """The statistics kept for `kind` (means for ncm; means and covariance factors for align) and the step that
-    rewrites the head after each task."""
+    """The statistics a head keeps (ncm: means; align: means and covariance factors; ridge: G and Q) and the step
+    that rewrites the head after each task.
 
-    def __init__(self, kind: str, head: nn.Linear, drift: str = "none"):
-        if kind not in CLASSIFIERS or drift not in DRIFT:
-            raise ValueError(f"classifier {kind!r} / drift {drift!r} is not one of {CLASSIFIERS} / {DRIFT}")
-        self.kind, self.head, self.drift = kind, head, drift
+    The run's head writes into the model's head (`head`), whose rows the masked cross-entropy trains. A head
+    kept beside it for comparison (`own=True`) works on its own copy of the rows and changes nothing in the run.
+    """
+
+    def __init__(self, kind: str, head: nn.Linear, drift: str = "none", *, own: bool = False,
+                 projection: Tensor | None = None, lambdas: tuple[float, ...] = RIDGE_LAMBDAS):
+        problem = head_problem(kind, drift, 0 if projection is None else projection.shape[1])
+        if problem:
+            raise ValueError(problem)
+        if kind == "ridge" and not lambdas:
+            raise ValueError("the ridge head needs at least one lambda")
+        self.kind, self.head, self.drift, self.own = kind, head, drift, own
+        self.projection, self.lambdas = projection, tuple(lambdas)
+        self.weight = head.weight.detach().clone() if own else head.weight.data  # (classes, D)
+        self.bias = head.bias.detach().clone() if own else head.bias.data
         self.means: Tensor | None = None  # (C, D), classes in the order of the head's rows
         self.factors: Tensor | None = None  # (C, D, D), align only
+        self.G: Tensor | None = None  # (M, M) float64, ridge only: sum of h^T h over every seen image
+        self.Q: Tensor | None = None  # (M, C) float64, ridge only: sum of h^T y
+        self.ridge_weight: Tensor | None = None  # (M, C) float32: (G + lambda I)^-1 Q
+        self.lam: float | None = None  # the last task's lambda
 
     @property
     def needs_features(self) -> bool:
@@ -139,35 +231,109 @@ class Classifier:
 
     @property
     def needs_features_before(self) -> bool:
-        """Whether end_task_ wants the task's features under the backbone before the task as well (SDC)."""
-        return self.needs_features and self.drift == "sdc"
+        """Whether end_task_ wants the task's features under the backbone before the task as well."""
+        return self.needs_features and self.drift in ("sdc", "linear")
+
+    @property
+    def needs_seen_features(self) -> bool:
+        """Whether end_task_ wants every seen task's features under the current backbone (the oracle)."""
+        return self.needs_features and self.drift == "oracle"
+
+    def _add(self, features: Tensor, labels: Tensor, classes: range) -> None:
+        """Append the statistics of one task's classes."""
+        if self.kind == "ridge":
+            h = project(features, self.projection)
+            G, Q = h.T @ h, h.T @ one_hot(labels, classes)  # (M, M), (M, C)
+            self.G = G if self.G is None else self.G + G
+            self.Q = Q if self.Q is None else torch.cat([self.Q, self.Q.new_zeros(len(Q), Q.shape[1] - self.Q.shape[1])], 1) + Q
+            return
+        if self.kind == "ncm":
+            means, factors = ncm_means(features, labels, classes), None
+        else:
+            means, factors = class_statistics(features, labels, classes)
+            self.factors = factors if self.factors is None else torch.cat([self.factors, factors])
+        self.means = means if self.means is None else torch.cat([self.means, means])
+
+    def _transform(self, A: Tensor) -> None:
+        """Carry the stored statistics through the linear map f -> f A (features as rows)."""
+        if self.kind == "ridge":
+            self.G, self.Q = A.T @ self.G @ A, A.T @ self.Q
+            return
+        self.means = (self.means.double() @ A).float()
+        if self.factors is not None:  # Sigma = L L^T -> A^T Sigma A = (A^T L)(A^T L)^T: A^T L is a square root
+            self.factors = (A.T @ self.factors.double()).float()
 
     @torch.no_grad()
     def end_task_(self, features: Tensor, labels: Tensor, classes: range, gen: torch.Generator,
-                  before: Tensor | None = None) -> None:
-        """Add the task's classes' statistics (features: (N, D) of the task's training images, labels global)
-        and rewrite the head's rows of every seen class; with SDC, first move the old means by the drift from
-        `before` (the same images' features under the backbone before the task) to `features`."""
+                  before: Tensor | None = None, seen: list[tuple[Tensor, Tensor, range]] | None = None) -> None:
+        """Add the task's classes' statistics (features: (N, D) of the task's training images, labels global) and
+        rewrite the head's rows of every seen class.
+
+        before: the same images' features under the backbone before the task (sdc, linear); seen: (features,
+        labels, classes) of every seen task under the current backbone, this one included (oracle).
+        """
         if self.kind == "linear":
             return
-        if self.drift == "sdc" and self.means is not None:
-            self.means = compensate_drift(self.means, before, features, labels)
-        if self.kind == "ncm":  # the means alone (as class_statistics computes them), no covariance
-            means = torch.stack([features[labels == k].double().mean(0).float() for k in classes])
-            self.means = means if self.means is None else torch.cat([self.means, means])
-            ncm_head_(self.head.weight, self.head.bias, self.means)
-            return
-        means, factors = class_statistics(features, labels, classes)
-        self.means = means if self.means is None else torch.cat([self.means, means])
-        self.factors = factors if self.factors is None else torch.cat([self.factors, factors])
-        align_head_(self.head.weight, self.head.bias, self.means, self.factors, gen)
+        if self.own:  # the new classes' rows as the masked cross-entropy trained them (align starts from them)
+            self.weight[classes.start:classes.stop] = self.head.weight[classes.start:classes.stop]
+            self.bias[classes.start:classes.stop] = self.head.bias[classes.start:classes.stop]
+        old = self.G is not None or self.means is not None
+        if self.drift == "oracle":
+            self.means = self.factors = self.G = self.Q = None
+            for f, y, c in seen:
+                self._add(f, y, c)
+        else:
+            if old and self.drift == "sdc":
+                self.means = compensate_drift(self.means, before, features, labels)
+            if old and self.drift == "linear":
+                self._transform(linear_drift_map(before, features))
+            self._add(features, labels, classes)
+        if self.kind == "ncm":
+            ncm_head_(self.weight, self.bias, self.means)
+        elif self.kind == "align":
+            align_head_(self.weight, self.bias, self.means, self.factors, gen)
+        else:
+            self.lam, _ = choose_lambda(project(features, self.projection), one_hot(labels, classes), self.lambdas, gen)
+            self.ridge_weight = ridge_solve(self.G, self.Q, self.lam).float()
+            if not torch.isfinite(self.ridge_weight).all():
+                raise FloatingPointError("the ridge head is not finite")
+
+    def logits(self, features: Tensor, seen_classes: int) -> Tensor:
+        """float32 logits (B, seen_classes) of features (B, D), over every seen class."""
+        f = features.float()
+        if self.kind == "ridge":
+            h = f if self.projection is None else torch.relu(f @ self.projection)
+            return h @ self.ridge_weight[:, :seen_classes]
+        return F.linear(f, self.weight[:seen_classes].float(), self.bias[:seen_classes].float())
 
     def stored_tensors(self) -> list[Tensor]:
-        return [t for t in (self.means, self.factors) if t is not None]
+        """What the head keeps between tasks: means (and covariance factors), or G and Q."""
+        return [t for t in (self.means, self.factors, self.G, self.Q) if t is not None]
 
     def state_dict(self) -> dict:
-        return {"means": self.means, "factors": self.factors}
+        state = {"means": self.means, "factors": self.factors, "G": self.G, "Q": self.Q,
+                 "ridge_weight": self.ridge_weight, "lam": self.lam}
+        if self.own:
+            state.update(weight=self.weight, bias=self.bias)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        device = self.head.weight.device
-        self.means, self.factors = (None if state[k] is None else state[k].to(device) for k in ("means", "factors"))
+        device = self.weight.device
+        for key in ("means", "factors", "G", "Q", "ridge_weight"):
+            setattr(self, key, None if state[key] is None else state[key].to(device))
+        self.lam = state["lam"]
+        if self.own:
+            self.weight.copy_(state["weight"])
+            self.bias.copy_(state["bias"])
+
+
+def head_problem(kind: str, drift: str, rp_dim: int) -> str | None:
+    """Why a head and a drift treatment do not go together, as one sentence, or None."""
+    if kind not in CLASSIFIERS or drift not in DRIFT:
+        return f"the head {kind!r} with drift {drift!r} is not one of {CLASSIFIERS} with one of {DRIFT}"
+    if kind == "ridge" and drift == "sdc":
+        return "sdc moves class means, which the ridge head does not keep; use --drift linear (with --rp-dim 0) or none"
+    if kind == "ridge" and drift == "linear" and rp_dim:
+        return ("a linear drift map does not carry a ReLU projection's Gram matrix; use --rp-dim 0 (the plain ridge "
+                "head) with --drift linear")
+    return None

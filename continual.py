@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from classifier import CLASSIFIERS, DRIFT, Classifier
+from classifier import CLASSIFIERS, DRIFT, RIDGE_LAMBDAS, Classifier, head_problem
 from data import (CIFAR_CLASSES, SplitData, UserError, class_order, find_fashion_mnist, load_cifar100,
                   load_fashion_mnist, make_synthetic, read_image_folder, split_data)
 from lora_vit import (PRESETS, TARGETS, TORCHVISION_WEIGHTS, LoRALinear, ViT, ViTConfig, WeightsError, add_lora_,
@@ -98,10 +98,21 @@ class CLArgs:
     head_lr: float = arg(1e-2, "Adam learning rate of the head (0: --lr); a head 100x faster than the backbone is "
                                "SLCA's slow learner")
     classifier: str = arg("align", "the head after each task: linear (the masked head as trained; ablation), align "
-                                   "(retrained on features sampled from every seen class's Gaussian) or ncm (cosine "
-                                   "to the class-mean features)", choices=CLASSIFIERS)
-    drift: str = arg("none", "align and ncm: old class means stay as taken (none), or move with the drift the "
-                             "backbone's training causes on each new task's images (sdc)", choices=DRIFT)
+                                   "(retrained on features sampled from every seen class's Gaussian), ncm (cosine "
+                                   "to the class-mean features) or ridge (RanPAC: ridge regression on a random "
+                                   "ReLU projection of the features)", choices=CLASSIFIERS)
+    drift: str = arg("none", "what moves old classes' statistics when the backbone changes: nothing (none); sdc "
+                             "(align, ncm: means follow the drift of each new task's images); linear (a least-"
+                             "squares map of the new task's features before to after the task carries them; align, "
+                             "ncm, ridge with --rp-dim 0); oracle (a diagnostic that uses old data: recomputed from "
+                             "every seen class's training images under the current backbone)", choices=DRIFT)
+    rp_dim: int = arg(2000, "ridge: the random projection's width M (0: the plain ridge head on the features)")
+    ridge_lambdas: str = arg("1e-8:1e8", "ridge: the grid lambda is chosen from after each task, as LO:HI (every "
+                                         "power of ten between) or a comma-separated list of positive numbers")
+    compare_heads: str = arg("", "heads kept beside --classifier on the same backbone, each with its own "
+                                 "statistics, reported in results.json under 'heads' (training is unchanged): a "
+                                 "comma-separated list of KIND or KIND/DRIFT, KIND one of linear, align, ncm, ridge "
+                                 "(--rp-dim) or ridge0 (M = 0), e.g. ridge,align/oracle,ridge0/linear")
     device: str = arg("auto", "auto (CUDA when available), cpu, cuda or cuda:N")
     out: str = arg("", "run folder for results.json, log.txt, accuracy.png and checkpoint.pt; empty: "
                        "runs/<method>-<dataset>-T<tasks>-seed<seed>-<hash of the other settings>")
@@ -132,6 +143,19 @@ class CLArgs:
                 return f"--{name.replace('_', '-')} must be a positive number."
         if not self.head_lr >= 0 or not math.isfinite(self.head_lr):
             return "--head-lr must be a non-negative number (0: the same as --lr)."
+        if self.rp_dim < 0:
+            return "--rp-dim must be at least 0 (0: the plain ridge head without a projection)."
+        try:
+            parse_lambdas(self.ridge_lambdas)
+        except ValueError as e:
+            return f"--ridge-lambdas {self.ridge_lambdas!r}: {e}"
+        problem = head_problem(self.classifier, self.drift, self.rp_dim)
+        if problem:
+            return f"--classifier {self.classifier} --drift {self.drift}: {problem}."
+        try:
+            parse_heads(self.compare_heads, self.rp_dim)
+        except ValueError as e:
+            return f"--compare-heads {self.compare_heads!r}: {e}."
         named = self.weights in ("auto", "random") or is_hub_name(self.weights)
         if not named and not Path(self.weights).is_file():
             return (f"--weights {self.weights}: no such file; give auto, random, the path of a state dict or a hub "
@@ -157,6 +181,42 @@ class CLArgs:
             return (f"--data-root {self.data_root} holds no Fashion-MNIST idx files and cannot be written to download "
                     "them; Debian's dataset-fashion-mnist puts them in /usr/share/datasets/fashion-mnist.")
         return None
+
+
+def parse_lambdas(text: str) -> tuple[float, ...]:
+    """--ridge-lambdas: 'LO:HI' (every power of ten from LO to HI) or 'a,b,c'; ValueError with the reason."""
+    try:
+        if ":" in text:
+            lo, hi = (math.log10(float(v)) for v in text.split(":"))
+            if lo != round(lo) or hi != round(hi):
+                raise ValueError
+            values = tuple(10.0 ** k for k in range(round(lo), round(hi) + 1))
+        else:
+            values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError("give LO:HI with powers of ten, such as 1e-8:1e8, or a comma-separated list") from None
+    if not values:
+        raise ValueError("the grid is empty; give LO:HI with LO <= HI, or at least one number")
+    if not all(v > 0 and math.isfinite(v) for v in values):
+        raise ValueError("every lambda must be a positive number")
+    return values
+
+
+def parse_heads(text: str, rp_dim: int) -> list[tuple[str, str, str, int]]:
+    """--compare-heads: [(name, kind, drift, M)]; ValueError with the reason."""
+    heads = []
+    for name in (n.strip() for n in text.split(",") if n.strip()):
+        kind, _, drift = name.partition("/")
+        drift = drift or "none"
+        m = 0 if kind == "ridge0" else rp_dim
+        kind = "ridge" if kind == "ridge0" else kind
+        problem = head_problem(kind, drift, m if kind == "ridge" else 0)
+        if problem:
+            raise ValueError(f"{name}: {problem}")
+        if name in (h[0] for h in heads):
+            raise ValueError(f"{name} is named twice")
+        heads.append((name, kind, drift, m))
+    return heads
 
 
 def device_problem(name: str) -> str | None:
@@ -229,6 +289,14 @@ def run_generators(seed: int, device: torch.device) -> tuple[torch.Generator, to
 def head_generator(seed: int, task: int, device: torch.device) -> torch.Generator:
     """The classifier's sampling after `task`: a function of (seed, task) alone, so a resumed run needs no state."""
     return torch.Generator(device=device).manual_seed(seed * 100_003 + task + 2)
+
+
+def random_projection(seed: int, dim: int, width: int, device: torch.device) -> Tensor | None:
+    """The ridge head's fixed projection W (dim, width), N(0, 1) entries (RanPAC's torch.randn), drawn on the host
+    from the seed alone: the same on every device and after a resume. None for width 0."""
+    if width == 0:
+        return None
+    return torch.randn(dim, width, generator=torch.Generator().manual_seed(seed + 3)).to(device)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -451,28 +519,38 @@ def task_logits(model: ViT, x: Tensor, classes: range) -> Tensor:
                     model.head.bias[classes.start:classes.stop]).float()  # (B, c)
 
 
-@torch.no_grad()
 def evaluate(model: ViT, data: SplitData, seen: int, *, batch_size: int, img_size: int, normalize: str,
              amp: bool, ranks: Ranks = SINGLE) -> list[float]:
-    """Accuracy (percent) on each seen task's test classes, predicting among all seen classes (no task id).
+    """Accuracy (percent) on each seen task's test classes under the model's own head (evaluate_heads)."""
+    head = lambda feats, hi: F.linear(feats, model.head.weight[:hi].float(), model.head.bias[:hi].float())
+    return evaluate_heads(model, data, seen, [head], batch_size=batch_size, img_size=img_size, normalize=normalize,
+                          amp=amp, ranks=ranks)[0]
 
-    The backbone runs under bf16 autocast on CUDA, the head in float32 (bf16 logits would tie near-equal
+
+@torch.no_grad()
+def evaluate_heads(model: ViT, data: SplitData, seen: int, heads: Sequence[Callable[[Tensor, int], Tensor]], *,
+                   batch_size: int, img_size: int, normalize: str, amp: bool, ranks: Ranks = SINGLE) -> list[list[float]]:
+    """Per head, the accuracy (percent) on each seen task's test classes, predicting among all seen classes (no
+    task id). A head maps float32 features (B, D) and the number of seen classes to logits (B, seen classes);
+    every head reads the same features, computed once.
+
+    The backbone runs under bf16 autocast on CUDA, the heads in float32 (bf16 logits would tie near-equal
     classes, and argmax breaks ties toward the lower index, an older task). Counts stay on the device; under
     torchrun each rank evaluates a slice and the counts are summed.
     """
     model.eval()
     hi = seen * data.classes_per_task
     idx = ranks.shard((data.test_y < hi).nonzero().squeeze(1))  # one host sync per evaluation; a slice per rank
-    correct = torch.zeros(seen, dtype=torch.int64, device=data.test_y.device)
+    correct = torch.zeros(len(heads), seen, dtype=torch.int64, device=data.test_y.device)
     sizes = torch.zeros(seen, dtype=torch.int64, device=data.test_y.device)
     for s in range(0, len(idx), batch_size):
         b = idx[s:s + batch_size]
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
             feats = model.forward_features(to_model_input(data.test_x[b], img_size, normalize))  # (B, D)
-        logits = F.linear(feats.float(), model.head.weight[:hi].float(), model.head.bias[:hi].float())  # (B, hi)
         y = data.test_y[b]
         task = y // data.classes_per_task
-        correct.scatter_add_(0, task, (logits.argmax(1) == y).long())  # no boolean indexing, no bincount: no sync
+        for k, head in enumerate(heads):  # no boolean indexing, no bincount: no sync
+            correct[k].scatter_add_(0, task, (head(feats.float(), hi).argmax(1) == y).long())
         sizes.scatter_add_(0, task, torch.ones_like(task))
     ranks.sum_(correct, sizes)
     model.train()
@@ -814,7 +892,14 @@ def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, 
     add_lora_(model, args.targets.split(","), args.rank, args.lora_alpha)
     model.to(device)
     method = make_method(model, args)
-    head = Classifier(args.classifier, model.head, args.drift)
+    lambdas = parse_lambdas(args.ridge_lambdas)
+    head = Classifier(args.classifier, model.head, args.drift, lambdas=lambdas,
+                      projection=random_projection(args.seed, cfg.dim, args.rp_dim, device)
+                      if args.classifier == "ridge" else None)
+    beside = {name: Classifier(kind, model.head, drift, own=True, lambdas=lambdas,
+                               projection=random_projection(args.seed, cfg.dim, m, device) if kind == "ridge" else None)
+              for name, kind, drift, m in parse_heads(args.compare_heads, args.rp_dim)}
+    heads = [head, *beside.values()]
 
     log(f"{name}: ViT {cfg.dim}-wide, {cfg.depth} blocks, patch {cfg.patch}, {cfg.img_size} px ({source}) on "
         f"{'synthetic data' if args.dataset == 'synthetic' else args.dataset}, {args.tasks} tasks of "
@@ -824,12 +909,16 @@ def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, 
 
     gen, device_gen = run_generators(args.seed, device)
     acc: list[list[float | None]] = []
+    beside_acc: dict[str, list[list[float | None]]] = {name: [] for name in beside}
     per_task: list[dict] = []
     trainable, earlier_seconds, train_seconds = 0, 0.0, 0.0
     if state is not None:
         model.load_state_dict(state["model"], strict=False)
         method.load_state_dict(state["method_state"])
         head.load_state_dict(state["classifier"])
+        for label, h in beside.items():
+            h.load_state_dict(state["compare_heads"][label])
+        beside_acc = state["compare_heads_accuracy"]
         torch.set_rng_state(state["rng"]["torch"])
         gen.set_state(state["rng"]["batches"])
         device_gen.set_state(state["rng"]["augment"])
@@ -851,6 +940,11 @@ def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, 
             **peak_memory(device), "trainable_params": trainable,
             "stored_params": sum(t.numel() for t in [*method.stored_tensors(), *head.stored_tensors()]),
             **method.summary(), "tasks": per_task,
+            "heads": {name: {"accuracy_matrix": m, "metrics": cl_metrics([r[:seen] for r in m]),
+                             "lambdas": [t["compare_heads"][name].get("lambda") for t in per_task],
+                             "stored_params": sum(t.numel() for t in [*method.stored_tensors(),
+                                                                      *beside[name].stored_tensors()])}
+                      for name, m in beside_acc.items()},
         }
 
     try:
@@ -860,25 +954,49 @@ def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, 
                                   normalize=args.normalize, gen=gen, device_gen=device_gen, ranks=ranks)
             feature_kw = dict(batch_size=2 * args.batch_size, img_size=cfg.img_size, normalize=args.normalize,
                               amp=device.type == "cuda")
-            before = task_features(model, data, task, **feature_kw)[0] if head.needs_features_before and task else None
+            needs_before = any(h.needs_features_before for h in heads) and task
+            before = task_features(model, data, task, **feature_kw)[0] if needs_before else None
             trainable = train_task(model, method, batches, epochs=args.epochs, lr=args.lr,
                                    head_lr=args.head_lr or args.lr, task=task,
                                    tasks=args.tasks, clock=clock, log=log)
             t0 = time.perf_counter()
             info = method.end_task(task, batches, log)
-            if head.needs_features:  # the head's treatment, the same for every method (classifier.py)
+            compare_seconds = 0.0  # the heads kept beside the run's and the oracle's extra passes: not training
+            if any(h.needs_features for h in heads):  # the head's treatment, the same for every method (classifier.py)
                 feats, labels = task_features(model, data, task, **feature_kw)
-                head.end_task_(feats, labels, batches.classes, head_generator(args.seed, task, device), before)
-            info["consolidate_seconds"] = time.perf_counter() - t0
-            train_seconds += time.perf_counter() - t_task  # training and consolidation, not evaluation
+                t1 = time.perf_counter()
+                seen = None
+                if any(h.needs_seen_features for h in heads):  # the oracle: every seen task under today's backbone
+                    seen = [(*task_features(model, data, j, **feature_kw), range(*data.task_range(j)))
+                            for j in range(task)] + [(feats, labels, batches.classes)]
+                if not head.needs_seen_features:
+                    compare_seconds += time.perf_counter() - t1
+                head.end_task_(feats, labels, batches.classes, head_generator(args.seed, task, device), before, seen)
+                t1 = time.perf_counter()
+                for h in beside.values():
+                    h.end_task_(feats, labels, batches.classes, head_generator(args.seed, task, device), before, seen)
+                compare_seconds += time.perf_counter() - t1
+            if head.lam is not None:
+                info["ridge_lambda"] = head.lam
+            if beside:
+                info["compare_heads"] = {name: {} if h.lam is None else {"lambda": h.lam} for name, h in beside.items()}
+                info["compare_heads_seconds"] = compare_seconds
+            info["consolidate_seconds"] = time.perf_counter() - t0 - compare_seconds
+            train_seconds += time.perf_counter() - t_task - compare_seconds  # training and consolidation only
             stored = [*method.stored_tensors(), *head.stored_tensors()]
             info["stored_tensors"], info["stored_params"] = len(stored), sum(t.numel() for t in stored)
             per_task.append(info)
-            row = evaluate(model, data, task + 1, batch_size=2 * args.batch_size, img_size=cfg.img_size,
-                           normalize=args.normalize, amp=device.type == "cuda", ranks=ranks)
+            row, *beside_rows = evaluate_heads(model, data, task + 1, [h.logits for h in heads],
+                                               batch_size=2 * args.batch_size, img_size=cfg.img_size,
+                                               normalize=args.normalize, amp=device.type == "cuda", ranks=ranks)
             acc.append(row + [None] * (args.tasks - task - 1))
+            for label, r in zip(beside, beside_rows):
+                beside_acc[label].append(r + [None] * (args.tasks - task - 1))
             A_t = cl_metrics([r[: task + 1] for r in acc])["A_t"][-1]
-            log(f"task {task + 1}/{args.tasks} done: A_t {A_t:.2f}%  per task [{', '.join(f'{a:.1f}' for a in row)}]")
+            others = "".join(f", {name} {cl_metrics([r[: task + 1] for r in m])['A_t'][-1]:.2f}%"
+                             for name, m in beside_acc.items())
+            log(f"task {task + 1}/{args.tasks} done: A_t {A_t:.2f}%  per task [{', '.join(f'{a:.1f}' for a in row)}]"
+                + (f"  (beside it: A_t{others[1:]})" if beside else ""))
             rng = {"torch": torch.get_rng_state(), "batches": gen.get_state(), "augment": device_gen.get_state()}
             if device.type == "cuda":
                 rng["cuda"] = torch.cuda.get_rng_state(device)
@@ -886,6 +1004,8 @@ def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, 
                 "method": name, "config": asdict(args), "device_type": device.type,
                 "model": mutable_state(model), "method_state": method.state_dict(),
                 "classifier": head.state_dict(), "rng": rng,
+                "compare_heads": {name: h.state_dict() for name, h in beside.items()},
+                "compare_heads_accuracy": beside_acc,
                 "accuracy_matrix": acc, "tasks": per_task, "trainable_params": trainable,
                 "wall_seconds": earlier_seconds + time.perf_counter() - start, "train_seconds": train_seconds}
             if ranks.main:  # every rank holds the same state; one writes it

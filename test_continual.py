@@ -292,7 +292,7 @@ def test_error_is_logged_in_the_run_folder(tmp_path, monkeypatch):
     def bad_step(*a, **k):
         raise UserError("something the user can fix")
 
-    monkeypatch.setattr(continual, "evaluate", bad_step)
+    monkeypatch.setattr(continual, "evaluate_heads", bad_step)
     with pytest.raises(UserError):
         run(tmp_path, "--tasks", "2", "--epochs", "1", "--train-per-class", "2")
     assert (tmp_path / "log.txt").read_text().endswith("error: something the user can fix\n")

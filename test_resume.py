@@ -22,7 +22,9 @@ from lora_vit import PRESETS, ViT
 SCRIPTS = {"ham": ham, "treelora": treelora, "trm": trm}
 TINY = ["--dataset", "synthetic", "--backbone", "vit_nano", "--tasks", "4", "--epochs", "2", "--batch-size", "16",
         "--train-per-class", "8"]
-EXTRA = {"ham": ["--groups", "2"], "treelora": [], "trm": ["--merge-steps", "6"]}
+# TreeLoRA keeps RanPAC's ridge head beside its own: its projection, G, Q and weights must resume to the bit too
+EXTRA = {"ham": ["--groups", "2"], "treelora": ["--compare-heads", "ridge", "--rp-dim", "32"],
+         "trm": ["--merge-steps", "6"]}
 KILL_POINTS = 10
 
 
@@ -57,6 +59,10 @@ def _assert_identical(out: Path, reference: Path) -> None:
             assert torch.equal(a, b), k
     for k in ("means", "factors"):  # the head's statistics (the default classifier, align, keeps both)
         assert c["classifier"][k] is not None and torch.equal(c["classifier"][k], c0["classifier"][k]), k
+    assert r["heads"] == r0["heads"] and c["compare_heads"].keys() == c0["compare_heads"].keys()
+    for name, state in c0["compare_heads"].items():  # heads kept beside the run's (ridge: G, Q, its weights)
+        for k, v in state.items():
+            assert v == c["compare_heads"][name][k] if not torch.is_tensor(v) else torch.equal(v, c["compare_heads"][name][k]), k
     for a, b in zip(c["method_state"].get("groups", []), c0["method_state"].get("groups", [])):
         assert a["members"] == b["members"] and all(torch.equal(x, y) for x, y in zip(a["delta"], b["delta"]))
 

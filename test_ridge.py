@@ -1,0 +1,197 @@
+"""The ridge head (RanPAC), its lambda, the linear drift map, the oracle, the heads kept beside a run and the
+first-session baseline: each against a direct computation or a run that must agree with it."""
+import json
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import continual
+from classifier import (Classifier, choose_lambda, class_statistics, linear_drift_map, one_hot, project,
+                        ridge_solve)
+from conftest import TINY, learned, run_script
+from continual import CLArgs
+
+
+def blobs(n_classes: int, per_class: int, dim: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian clusters: features (n_classes * per_class, dim), labels 0..n_classes-1 in class order."""
+    g = torch.Generator().manual_seed(seed)
+    centres = 2 * torch.randn(n_classes, dim, generator=g)
+    feats = centres.repeat_interleave(per_class, 0) + torch.randn(n_classes * per_class, dim, generator=g)
+    return feats, torch.arange(n_classes).repeat_interleave(per_class)
+
+
+@given(cuts=st.lists(st.integers(1, 5), min_size=1, max_size=4, unique=True), width=st.sampled_from([0, 7, 40]))
+def test_streaming_ridge_head_equals_one_fit_on_every_seen_class(cuts, width):
+    """Any split of 6 classes into tasks: G and Q summed task by task give the weights of one ridge fit on all."""
+    feats, labels = blobs(6, 10, 5)
+    projection = torch.randn(5, width, generator=torch.Generator().manual_seed(1)) if width else None
+    lam = 0.3
+    c = Classifier("ridge", torch.nn.Linear(5, 6), projection=projection, lambdas=(lam,))
+    bounds = [0, *sorted(cuts), 6]
+    for lo, hi in zip(bounds, bounds[1:]):
+        m = (labels >= lo) & (labels < hi)
+        c.end_task_(feats[m], labels[m], range(lo, hi), torch.Generator().manual_seed(lo))
+    H = feats.double() if width == 0 else torch.relu(feats.double() @ projection.double())
+    Y = torch.nn.functional.one_hot(labels, 6).double()
+    direct = torch.linalg.solve(H.T @ H + lam * torch.eye(H.shape[1], dtype=torch.float64), H.T @ Y)
+    assert c.lam == lam and c.ridge_weight.shape == direct.shape
+    assert torch.allclose(c.ridge_weight.double(), direct, rtol=1e-4, atol=1e-5)
+    logits = c.logits(feats, 6)
+    assert torch.allclose(logits.double(), H @ direct, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("width", [3, 50])  # fewer fitting rows than M (the dual) and more (the primal)
+def test_lambda_choice_is_the_brute_force_one(width):
+    """RanPAC's rule computed by one solve per lambda, as its code does, on the same 80/20 split."""
+    feats, labels = blobs(3, 12, 6, seed=2)
+    h = project(feats, torch.randn(6, width, generator=torch.Generator().manual_seed(3)))
+    y = one_hot(labels, range(3))
+    grid = tuple(10.0 ** k for k in range(-4, 5))
+    lam, errors = choose_lambda(h, y, grid, torch.Generator().manual_seed(7))
+    order = torch.randperm(len(h), generator=torch.Generator().manual_seed(7))
+    fit, val = order[:28], order[28:]  # int(36 * 0.8) = 28
+    brute = []
+    for k in grid:
+        W = torch.linalg.solve(h[fit].T @ h[fit] + k * torch.eye(width, dtype=torch.float64), h[fit].T @ y[fit])
+        brute.append(((h[val] @ W - y[val]) ** 2).mean().item())
+    assert errors == pytest.approx(brute, rel=1e-6, abs=1e-9)
+    assert lam == grid[brute.index(min(brute))]
+
+
+def test_ridge_solve_is_the_regularised_normal_equations():
+    G = torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+    Q = torch.tensor([[1.0], [2.0]], dtype=torch.float64)
+    # (G + I)^-1 Q by hand: [[3, 1], [1, 4]]^-1 = [[4, -1], [-1, 3]] / 11, times (1, 2) = (2, 5) / 11
+    assert torch.allclose(ridge_solve(G, Q, 1.0), torch.tensor([[2 / 11], [5 / 11]], dtype=torch.float64))
+
+
+def test_a_linear_drift_carries_every_statistic_exactly():
+    """Features that move by an exact linear map A: the fitted map recovers A; carried through A, the stored means,
+    covariances, G and Q equal the statistics of the moved features; and a task's end applies the fitted map."""
+    feats, labels = blobs(4, 40, 6, seed=4)
+    A = torch.eye(6) + 0.3 * torch.randn(6, 6, generator=torch.Generator().manual_seed(5))
+    moved = feats @ A
+    old, new = labels < 2, labels >= 2
+    fitted = linear_drift_map(feats[new], moved[new])
+    assert torch.allclose(fitted.float(), A, atol=1e-3)  # up to the ridge toward the identity
+    for kind in ("align", "ncm", "ridge"):
+        c = Classifier(kind, torch.nn.Linear(6, 4), drift="linear", lambdas=(1.0,))
+        c.end_task_(feats[old], labels[old], range(0, 2), torch.Generator().manual_seed(0))
+        c._transform(A.double())
+        if kind == "ridge":
+            m64 = feats[old].double() @ A.double()
+            G, Q = m64.T @ m64, m64.T @ one_hot(labels[old], range(2))
+            assert torch.allclose(c.G, G, rtol=1e-9) and torch.allclose(c.Q, Q, rtol=1e-9, atol=1e-9)
+        else:
+            means, factors = class_statistics(moved, labels, range(2))
+            assert torch.allclose(c.means, means, atol=1e-5)
+            if kind == "align":  # A^T L L^T A = A^T (Sigma + ridge) A: the covariance carries exactly
+                for k in range(2):
+                    sigma = torch.cov(feats[labels == k].double().T)
+                    carried = c.factors[k].double() @ c.factors[k].double().T
+                    expected = A.double().T @ (sigma + 1e-4 * sigma.trace() / 6 * torch.eye(6, dtype=torch.float64)) @ A.double()
+                    assert torch.allclose(carried, expected, rtol=1e-5, atol=1e-5)
+        end = Classifier(kind, torch.nn.Linear(6, 4), drift="linear", lambdas=(1.0,))  # the whole step
+        end.end_task_(feats[old], labels[old], range(0, 2), torch.Generator().manual_seed(0))
+        end.end_task_(moved[new], labels[new], range(2, 4), torch.Generator().manual_seed(1), before=feats[new])
+        if kind == "ridge":
+            G = moved.double().T @ moved.double()
+            assert torch.allclose(end.G, G, rtol=1e-2, atol=1e-2 * G.abs().max().item())
+        else:
+            assert torch.allclose(end.means, class_statistics(moved, labels, range(4))[0], rtol=1e-2, atol=1e-2)
+
+
+def test_the_oracle_recomputes_every_seen_class_from_the_current_features():
+    feats, labels = blobs(4, 20, 5, seed=6)
+    now = feats + 1.0  # the backbone moved: every feature shifts
+    stale, oracle = (Classifier("ncm", torch.nn.Linear(5, 4), drift=d) for d in ("none", "oracle"))
+    first = [(feats[labels < 2], labels[labels < 2], range(0, 2))]
+    seen = [(now[labels < 2], labels[labels < 2], range(0, 2)), (now[labels >= 2], labels[labels >= 2], range(2, 4))]
+    for c in (stale, oracle):
+        c.end_task_(*first[0], torch.Generator(), seen=first)
+        c.end_task_(*seen[1], torch.Generator(), seen=seen)
+    by_hand = torch.stack([now[labels == k].mean(0) for k in range(4)])
+    assert torch.allclose(oracle.means, by_hand, atol=1e-5)
+    assert torch.allclose(stale.means[:2], torch.stack([feats[labels == k].mean(0) for k in range(2)]), atol=1e-5)
+
+
+def test_a_head_kept_beside_changes_nothing_in_the_run():
+    """A compared head works on its own copy of the rows: the model's head is left as the run's head made it."""
+    feats, labels = blobs(2, 20, 5)
+    head = torch.nn.Linear(5, 2)
+    before = head.weight.detach().clone()
+    side = Classifier("ncm", head, own=True)
+    side.end_task_(feats, labels, range(0, 2), torch.Generator())
+    assert torch.equal(head.weight, before) and not torch.equal(side.weight, before)
+
+
+def test_projection_is_a_function_of_the_seed_alone():
+    a = continual.random_projection(3, 8, 16, torch.device("cpu"))
+    torch.manual_seed(123)  # the global generator plays no part
+    assert torch.equal(a, continual.random_projection(3, 8, 16, torch.device("cpu")))
+    assert not torch.equal(a, continual.random_projection(4, 8, 16, torch.device("cpu")))
+    assert continual.random_projection(3, 8, 0, torch.device("cpu")) is None
+
+
+def test_ridge_state_round_trips_through_a_checkpoint():
+    feats, labels = blobs(2, 20, 5)
+    projection = continual.random_projection(0, 5, 9, torch.device("cpu"))
+    c = Classifier("ridge", torch.nn.Linear(5, 2), projection=projection)
+    c.end_task_(feats, labels, range(0, 2), torch.Generator().manual_seed(0))
+    assert sum(t.numel() for t in c.stored_tensors()) == 9 * 9 + 9 * 2  # G (M x M) and Q (M x C)
+    restored = Classifier("ridge", torch.nn.Linear(5, 2), projection=projection)
+    restored.load_state_dict(c.state_dict())
+    assert torch.equal(restored.logits(feats, 2), c.logits(feats, 2)) and restored.lam == c.lam
+
+
+RIDGE_BAD_FLAGS = [
+    (["--rp-dim", "-1"], "--rp-dim must be at least 0"),
+    (["--ridge-lambdas", ""], "the grid is empty"),
+    (["--ridge-lambdas", "1e3:1e-3"], "the grid is empty"),
+    (["--ridge-lambdas", "1,-2"], "every lambda must be a positive number"),
+    (["--ridge-lambdas", "3:30"], "powers of ten"),
+    (["--classifier", "ridge", "--drift", "sdc"], "sdc moves class means"),
+    (["--classifier", "ridge", "--drift", "linear"], "use --rp-dim 0"),
+    (["--compare-heads", "svm"], "--compare-heads 'svm'"),
+    (["--compare-heads", "ridge,ridge"], "named twice"),
+    (["--compare-heads", "ridge/linear"], "use --rp-dim 0"),
+]
+
+
+@pytest.mark.parametrize("argv,message", RIDGE_BAD_FLAGS, ids=[" ".join(a) for a, _ in RIDGE_BAD_FLAGS])
+def test_bad_ridge_flags_give_one_sentence(argv, message, usage_error):
+    assert message in usage_error(CLArgs, argv)
+
+
+BASE = [*TINY, "--tasks", "4", "--epochs", "1", "--train-per-class", "4", "--rp-dim", "64"]
+SEQ = [*BASE, "--lam", "0", "--grad-density", "1"]
+
+
+def test_a_head_beside_the_run_equals_a_run_with_that_head(tmp_path):
+    """SeqLoRA's training does not read the head after a task, so the ridge head kept beside an aligned run is the
+    ridge run's head, and the other way round, to the bit."""
+    run_script("treelora", [*SEQ, "--classifier", "align", "--compare-heads", "ridge", "--out", str(tmp_path / "a")])
+    run_script("treelora", [*SEQ, "--classifier", "ridge", "--compare-heads", "align", "--out", str(tmp_path / "r")])
+    a, r = (json.loads((tmp_path / k / "results.json").read_text()) for k in ("a", "r"))
+    assert a["heads"]["ridge"]["accuracy_matrix"] == r["accuracy_matrix"]
+    assert r["heads"]["align"]["accuracy_matrix"] == a["accuracy_matrix"]
+    assert a["heads"]["ridge"]["lambdas"] == [t["ridge_lambda"] for t in r["tasks"]]
+    assert r["stored_params"] == 64 * 64 + 64 * 100  # G and Q over the 100 synthetic classes
+    assert a["heads"]["ridge"]["stored_params"] == r["stored_params"]
+
+
+def test_first_session_adapts_on_task_one_only(tmp_path):
+    """Task 1 trains exactly as SeqLoRA's does; from then on the backbone never moves, so statistics taken after
+    any task are what the oracle recomputes, and the plain ridge head with and without it agree to the bit."""
+    ridge = ["--classifier", "ridge", "--rp-dim", "0"]
+    run_script("baselines", [*BASE, *ridge, "--baseline", "first-session", "--compare-heads", "ridge0/oracle",
+                             "--out", str(tmp_path / "first")])
+    run_script("treelora", [*SEQ, *ridge, "--out", str(tmp_path / "seq")])
+    first, seq = (json.loads((tmp_path / k / "results.json").read_text()) for k in ("first", "seq"))
+    assert first["method"] == "first-session" and first["finished"] and learned(first)
+    assert first["accuracy_matrix"][0] == seq["accuracy_matrix"][0]
+    assert first["heads"]["ridge0/oracle"]["accuracy_matrix"] == first["accuracy_matrix"]
+    assert seq["accuracy_matrix"][-1] != first["accuracy_matrix"][-1]  # SeqLoRA's backbone moved on
+    log = (tmp_path / "first" / "log.txt").read_text()
+    assert log.count("nothing to train") == 3  # ridge replaces the head's rows: after task 1 nothing trains
