@@ -67,6 +67,21 @@ def learned(results: dict, factor: float = 2.0) -> bool:
     return sum(diagonal) / T > factor * sum(chance) / T
 
 
+def assert_mechanism_drawn(out: Path, stdout: str) -> None:
+    """A method's run folder holds mechanism.png when matplotlib is installed; `python continual.py FOLDER` draws it
+    again from results.json alone; without matplotlib the log says so."""
+    import importlib.util
+    if not importlib.util.find_spec("matplotlib"):
+        assert "no mechanism.png: matplotlib is not installed" in stdout
+        return
+    png = out / "mechanism.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"plot: {png}" in stdout
+    png.unlink()
+    proc = subprocess.run([sys.executable, "continual.py", str(out)], cwd=HERE, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and f"plot: {png}" in proc.stdout and png.read_bytes()[:4] == b"\x89PNG"
+
+
 @pytest.fixture
 def usage_error(capsys):
     """Parse argv with a script's Args; assert exit code 2 and no traceback; return the error's last line."""

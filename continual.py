@@ -746,11 +746,8 @@ class RunLog:
 
 def plot_accuracy(results: dict, path: Path) -> str:
     """accuracy.png: the accuracy matrix as a heatmap and A_t per task. Returns a line for the log."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return "no accuracy.png: matplotlib is not installed (pip install matplotlib)."
     acc = np.array([[np.nan if v is None else v for v in row] for row in results["accuracy_matrix"]])
     T = acc.shape[1]
@@ -769,6 +766,137 @@ def plot_accuracy(results: dict, path: Path) -> str:
     write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100), mode="wb")
     plt.close(fig)
     return f"plot: {path}"
+
+
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def plot_mechanism(results: dict, path: Path) -> str:
+    """mechanism.png: what the method decided at each task, drawn from results.json alone (HAM's groups, TreeLoRA's
+    picks, TRM's merges); a run whose results hold none of these draws nothing. Returns a line for the log."""
+    tasks = results["tasks"]
+    kind = ("ham" if "groups" in results else "treelora" if any("selections" in t for t in tasks)
+            else "trm" if any("coefficients" in t for t in tasks) else None)
+    if kind is None:
+        return ""
+    plt = _pyplot()
+    if plt is None:
+        return "no mechanism.png: matplotlib is not installed (pip install matplotlib)."
+    fig = {"ham": _draw_ham, "treelora": _draw_treelora, "trm": _draw_trm}[kind](plt, results)
+    fig.suptitle(f"{results['method']}: what it decided at each task ({results['config']['dataset']}, "
+                 f"{len(tasks)} of {results['config']['tasks']} tasks)"
+                 + (" (synthetic data)" if results["synthetic_data"] else ""))
+    fig.tight_layout()
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100), mode="wb")
+    plt.close(fig)
+    return f"plot: {path}"
+
+
+def _draw_ham(plt, results: dict):
+    """Which group each task joined or opened, its importance alpha_t, and the similarities that decided."""
+    tasks, T = results["tasks"], len(results["tasks"])
+    x = range(1, T + 1)
+    fig, (groups, alpha, sims) = plt.subplots(1, 3, figsize=(15, 4.2))
+    reasons = ["joined the most similar group" if not t["opened"] else "opened: a free group for each task left"
+               if "free group" in t["why"] else "opened: no group similar enough" for t in tasks]
+    for reason, marker in (("opened: a free group for each task left", "o"), ("opened: no group similar enough", "^"),
+                           ("joined the most similar group", "s")):
+        xs = [i + 1 for i in range(T) if reasons[i] == reason]
+        if xs:
+            groups.scatter(xs, [tasks[i - 1]["group"] for i in xs], marker=marker, s=60, label=reason)
+    groups.set(title="group of each task", xlabel="task", ylabel="group", xticks=list(x),
+               yticks=range(1, max(t["group"] for t in tasks) + 1))
+    groups.legend(fontsize=8)
+    alpha.bar(list(x), [t["importance"] for t in tasks], color="tab:orange")
+    alpha.axhline(0, color="black", lw=0.5)
+    alpha.set(title="importance alpha_t (the adapter's scale)", xlabel="task", xticks=list(x))
+    for i, t in enumerate(tasks):
+        if t["similarities"]:
+            sims.scatter([i + 1] * len(t["similarities"]), t["similarities"], color="grey", s=15)
+            if not t["opened"]:
+                sims.scatter([i + 1], [t["similarities"][t["group"] - 1]], color="tab:red", s=50, zorder=3)
+    sims.axhline(results["config"].get("threshold", 0), color="tab:blue", ls="--", lw=1, label="threshold")
+    sims.scatter([], [], color="grey", s=15, label="cosine to each group")
+    sims.scatter([], [], color="tab:red", s=50, label="the group joined")
+    sims.set(title="similarity to the existing groups", xlabel="task", ylabel="cosine", xticks=list(x))
+    sims.legend(fontsize=8)
+    return fig
+
+
+def _draw_treelora(plt, results: dict):
+    """Per layer group, the share of each past task in the picks during each task; the pull's gradient ratio."""
+    tasks, T = results["tasks"], len(results["tasks"])
+    layers = next(len(t["selections"]) for t in tasks if "selections" in t)
+    parts = [p for p in np.array_split(np.arange(layers), min(3, layers)) if len(p)]
+    fig, axes = plt.subplots(1, len(parts) + 1, figsize=(4.2 * (len(parts) + 1), 4.2))
+    for ax, part in zip(axes, parts):
+        share = np.full((T, T), np.nan)  # [task, past task]
+        for i, t in enumerate(tasks):
+            if "selections" in t:
+                counts = np.array(t["selections"])[part].sum(0)  # (past tasks,)
+                share[i, : len(counts)] = counts / max(counts.sum(), 1)
+        image = ax.imshow(share[1:, :-1], vmin=0, vmax=1, cmap="magma", aspect="auto")
+        which = f"layer {part[0] + 1}" if len(part) == 1 else f"layers {part[0] + 1}-{part[-1] + 1}"
+        ax.set(title=f"picks, {which} of {layers} (uniform: 1/(t-1))", xlabel="past task picked",
+               ylabel="during task", xticks=range(T - 1), xticklabels=range(1, T), yticks=range(T - 1),
+               yticklabels=range(2, T + 1))
+    fig.colorbar(image, ax=axes[len(parts) - 1], label="share of the task's picks")
+    ratios = [(i + 1, r) for i, t in enumerate(tasks) for r in t.get("grad_ratio_per_epoch", [])]
+    last = axes[-1]
+    if ratios:
+        per_task = {}
+        for task, r in ratios:
+            per_task.setdefault(task, []).append(r)
+        xs = [task + (e + 0.5) / len(rs) - 0.5 for task, rs in per_task.items() for e in range(len(rs))]
+        last.plot(xs, [r for rs in per_task.values() for r in rs], marker=".")
+    last.set(title="|grad of the pull| / |grad of CE| per epoch", xlabel="task", xticks=range(1, T + 1),
+             yscale="log" if ratios and min(r for _, r in ratios) > 0 else "linear")
+    return fig
+
+
+def _draw_trm(plt, results: dict):
+    """Each merge's coefficients (mean over layers, min-max band) and each objective before and after it."""
+    tasks = [(i + 1, t) for i, t in enumerate(results["tasks"]) if "coefficients" in t]
+    names = list(tasks[0][1]["objectives_after"])
+    rows = math.ceil((1 + len(names)) / 3)
+    fig, axes = plt.subplots(rows, 3, figsize=(13, 3.8 * rows), squeeze=False)
+    axes = axes.flatten()
+    for ax in axes[1 + len(names):]:
+        ax.axis("off")
+    coef = axes[0]
+    xs = [i for i, _ in tasks]
+    width = len(tasks[0][1]["coefficients"][0])
+    for k in range(width):  # the plain merge is c_K = 1, every other coefficient 0 (trm.initial_coefficients)
+        values = np.array([[row[k] for row in t["coefficients"]] for _, t in tasks]) - (k == width - 2)
+        label = "c_h (previous merge)" if k == width - 1 else f"c_{k + 1} (snapshot {k + 1})"
+        coef.plot(xs, values.mean(1), marker="o", label=label)
+        coef.fill_between(xs, values.min(1), values.max(1), alpha=0.2)
+    coef.axhline(0, color="black", lw=0.5)
+    coef.set(title="coefficients minus the plain merge's\n(mean over layers, band: min to max)", xlabel="task",
+             xticks=xs)
+    coef.legend(fontsize=7)
+    for ax, name in zip(axes[1:], names):
+        ax.plot(xs, [t["objectives_before"][name] for _, t in tasks], marker="o", ls="--", label="plain merge")
+        ax.plot(xs, [t["objectives_after"][name] for _, t in tasks], marker="o", label="after the merge")
+        active = [i for i, t in tasks if t.get("responsiveness_active")] if name == "responsiveness" else []
+        ax.set(title=name + (f" (hinge active: tasks {active})" if active else ""), xlabel="task", xticks=xs)
+        ax.legend(fontsize=7)
+    return fig
+
+
+def redraw(folder: Path) -> list[str]:
+    """accuracy.png and mechanism.png of a run folder, drawn again from its results.json."""
+    results = json.loads((folder / "results.json").read_text())
+    return [line for line in (plot_accuracy(results, folder / "accuracy.png"),
+                              plot_mechanism(results, folder / "mechanism.png")) if line]
 
 
 CHECKPOINT = "checkpoint.pt"
@@ -1023,6 +1151,9 @@ def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, 
         f"forgetting {m['forgetting']:.2f}  BWT {m['BWT']:.2f}  -> {out / 'results.json'}")
     if ranks.main:
         log(plot_accuracy(final, out / "accuracy.png"))
+        line = plot_mechanism(final, out / "mechanism.png")
+        if line:
+            log(line)
     return final
 
 
@@ -1041,3 +1172,13 @@ def main_guard(main: Callable[[], object]) -> None:
     except KeyboardInterrupt:
         print("interrupted before the run started; nothing was written.", file=sys.stderr)
         sys.exit(130)
+
+
+if __name__ == "__main__":  # python continual.py RUN_FOLDER...: redraw a finished (or partial) run's pictures
+    parser = argparse.ArgumentParser(description="Draw accuracy.png and mechanism.png again from the results.json "
+                                                 "of each run folder given.")
+    parser.add_argument("folders", nargs="+", type=Path, help="run folders holding a results.json")
+    for folder in parser.parse_args().folders:
+        if not (folder / "results.json").is_file():
+            parser.error(f"{folder} holds no results.json; give a run folder.")
+        print("\n".join(redraw(folder)) or f"{folder}: nothing to draw")

@@ -309,6 +309,16 @@ def test_plot_or_a_hint(tmp_path):
     assert r["finished"]
 
 
+def test_redraw_names_a_folder_without_results(tmp_path):
+    proc = subprocess.run([sys.executable, "continual.py", str(tmp_path)], cwd=HERE, capture_output=True, text=True)
+    assert proc.returncode == 2 and "holds no results.json; give a run folder" in proc.stderr.splitlines()[-1]
+
+
+def test_a_baseline_draws_no_mechanism(tmp_path):
+    run(tmp_path, "--tasks", "2", "--epochs", "1", "--train-per-class", "2")
+    assert not (tmp_path / "mechanism.png").exists()
+
+
 # ---- flags
 
 

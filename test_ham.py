@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import ham
-from conftest import TINY, learned, run_script, write_cifar100_pickles
+from conftest import TINY, assert_mechanism_drawn, learned, run_script, write_cifar100_pickles
 from lora_vit import PRESETS, ViT, add_lora_
 
 SCALE = 4.0 / 4  # lora_alpha / r in _ham below
@@ -186,6 +186,7 @@ def test_end_to_end_synthetic(tmp_path):
     assert all(line.startswith("[synthetic data]") for line in stdout.splitlines())
     assert r["trainable_params"] > 0 and r["stored_params"] > 0 and [t["group"] for t in r["tasks"]][:2] == [1, 2]
     assert "(the first task opens a group)" in stdout and "groups taken; the most similar has cosine" in stdout
+    assert_mechanism_drawn(tmp_path, stdout)
 
 
 def test_groups_equal_to_tasks_is_no_merging(tmp_path):

@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 import continual
 from data import class_order, make_synthetic, split_data
 import treelora
-from conftest import TINY, learned, run_script
+from conftest import TINY, assert_mechanism_drawn, learned, run_script
 from lora_vit import PRESETS, ViT, add_lora_, lora_parameters
 from treelora import LCBTreeSearch, build_kdtree, exhaustive_min_lcb
 
@@ -332,3 +332,6 @@ def test_end_to_end_synthetic(tmp_path):
     assert sum(sel[0]) == sum(sel[1]) == 3 * math.ceil(24 * 25 / 32)  # one choice per layer and step
     assert sorted(r["tree"][0]) == [1, 2, 3, 4]  # tasks counted from 1
     assert "|grad reg| / |grad CE|" in stdout and "TreeLoRA (tree): picks of past tasks 1..3" in stdout
+    ratios = r["tasks"][3]["grad_ratio_per_epoch"]  # one per epoch, as the epoch lines print them
+    assert len(ratios) == 3 and all(f"|grad reg| / |grad CE| {v:.3f}" in stdout for v in ratios)
+    assert_mechanism_drawn(tmp_path, stdout)

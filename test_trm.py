@@ -7,7 +7,7 @@ from hypothesis import given, strategies as st
 
 import continual
 import trm
-from conftest import TINY, learned, run_script
+from conftest import TINY, assert_mechanism_drawn, learned, run_script
 from lora_vit import PRESETS, LoRALinear, ViT, add_lora_
 
 seeds = st.integers(0, 2**31 - 1)
@@ -236,6 +236,7 @@ def test_end_to_end_synthetic(tmp_path):
     assert last["objectives_before"]["trust"] == 0 and last["objectives_after"]["trust"] > 0
     assert r["tasks"][0]["objectives_before"]["consistency"] == 0  # no old classes in the first task
     assert "TRM merge, on its first batch:" in stdout and "responsiveness hinge" in stdout
+    assert_mechanism_drawn(tmp_path, stdout)
 
 
 def test_snapshots_are_held_once_while_merging(monkeypatch):

@@ -268,6 +268,7 @@ class TreeLoRA(Method):
             self.previous = [layer.A.detach().clone() for layer in self.layers]
         self.a_sum, self.step, self.steps_per_epoch = [torch.zeros_like(layer.A) for layer in self.layers], 0, len(batches)
         self.grad_norms = torch.zeros(2, device=self.layers[0].A.device)
+        self.ratios: list[float] = []  # per epoch, |grad reg| / |grad CE| (results.json, mechanism.png)
         if self.g:
             self.chosen = torch.zeros(task, len(self.layers), device=self.layers[0].A.device)
         return [*lora_parameters(self.layers), *self.head.parameters()]
@@ -312,6 +313,8 @@ class TreeLoRA(Method):
         self.last_epoch_mean = [acc / self.step for acc in self.a_sum]
         reg, ce = self.grad_norms.tolist()
         note = f"|grad reg| / |grad CE| {reg / ce:.3f}" if self.chosen is not None and self.lam and ce > 0 else ""
+        if note:
+            self.ratios.append(reg / ce)
         self.a_sum, self.step = [torch.zeros_like(acc) for acc in self.a_sum], 0
         self.grad_norms.zero_()
         if self.search is not None:
@@ -332,6 +335,7 @@ class TreeLoRA(Method):
         info = {"tree_height": self.tree.height}
         if self.chosen is not None:
             info["selections"] = self.chosen.T.tolist()  # per layer, how often each past task was chosen
+            info["grad_ratio_per_epoch"] = self.ratios
             share = self.chosen.sum(1) / self.chosen.sum()  # over layers: the share of picks of each past task
             log(f"  TreeLoRA ({self.arm}): picks of past tasks 1..{task}: "
                 f"[{', '.join(f'{100 * s:.0f}%' for s in share.tolist())}]; tree of {task + 1} tasks, "
