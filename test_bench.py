@@ -30,9 +30,12 @@ def test_method_comparison_runs_every_method(tmp_path):
         assert r["seeds"] == 2 and 0 <= r["A_last"][0] <= 100 and r["A_last"][1] >= 0
         assert r["train_seconds"][0] > 0 and r["inference_images_per_second"][0] > 0
     by = {r["method"]: r for r in rows}
-    assert by["joint (upper bound)"]["forgetting"] is None  # one task: nothing to forget
-    assert by["HAM"]["stored_params"] > 0 and by["TRM"]["stored_params"] > 0
-    assert "| HAM | 4 |" in proc.stdout and " ± " in proc.stdout and (tmp_path / "methods_tiny.md").exists()
+    assert by["joint (upper bound) + align"]["forgetting"] is None  # one task: nothing to forget
+    assert by["HAM + align"]["stored_params"] > 0 and by["TRM + align"]["stored_params"] > 0
+    # a head row beside a run: the run's cost, its own accuracy and stored statistics (ridge: G and Q)
+    assert by["HAM + ridge"]["train_seconds"] == by["HAM + align"]["train_seconds"]
+    assert by["HAM + ridge"]["stored_params"] != by["HAM + align"]["stored_params"]
+    assert "| HAM + align | 4 |" in proc.stdout and " ± " in proc.stdout and (tmp_path / "methods_tiny.md").exists()
     assert "2 job(s) at a time" in proc.stdout
     assert "plot:" in proc.stdout or "matplotlib is not installed" in proc.stdout
 
@@ -73,4 +76,30 @@ def test_bad_flags_are_one_sentence():
                           (["--gpu-check", "--device", "cpu"], "--gpu-check needs a CUDA device")):
         proc = subprocess.run([sys.executable, "bench.py", *argv], cwd=HERE, capture_output=True, text=True)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert message in proc.stderr.strip().splitlines()[-1]
+
+
+def test_custom_preset_runs_the_table_on_the_flags_given(tmp_path):
+    """--preset custom takes the scripts' shared flags after --: the same rows, runs and files as a preset."""
+    proc = subprocess.run([sys.executable, "bench.py", "--preset", "custom", "--set", "methods", "--variants",
+                           "frozen + align,frozen + ridge", "--out", str(tmp_path), "--",
+                           "--dataset", "synthetic", "--backbone", "vit_nano", "--epochs", "1", "--batch-size", "32",
+                           "--train-per-class", "4", "--tasks", "4", "--rp-dim", "16"],
+                          cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads((tmp_path / "bench.json").read_text())["methods"]["rows"]
+    assert [r["method"] for r in rows] == ["frozen + align", "frozen + ridge"] and rows[0]["tasks"] == 4
+    run = tmp_path / "runs_custom" / "T4" / "baselines_baseline_frozen_classifier_align" / "seed0" / "results.json"
+    r = json.loads(run.read_text())  # one run serves both rows: ridge is kept beside the aligned head
+    assert r["config"]["rp_dim"] == 16 and r["config"]["compare_heads"] == "ridge,ncm"
+    assert rows[1]["A_last"][0] == r["heads"]["ridge"]["metrics"]["A_last"]
+    assert (tmp_path / "methods_custom.md").exists()
+
+
+def test_custom_preset_flags_are_checked_first():
+    for argv, message in ((["--preset", "custom", "--", "--tasks", "7"], "--tasks must divide the 100 classes"),
+                          (["--preset", "custom", "--", "--seed", "3"], "--seed are the bench's own"),
+                          (["--preset", "tiny", "--", "--tasks", "4"], "flags after -- go with --preset custom")):
+        proc = subprocess.run([sys.executable, "bench.py", *argv], cwd=HERE, capture_output=True, text=True)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr
         assert message in proc.stderr.strip().splitlines()[-1]

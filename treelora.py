@@ -1,7 +1,7 @@
 """TreeLoRA: layer-wise LoRAs guided by a hierarchical gradient-similarity K-D tree and an LCB bandit.
 
 Paper: https://arxiv.org/abs/2506.10355 (ICML 2025). The official code covers LLMs only; where it and the paper
-disagree we follow the paper (README, deviations 11-17; TreeLoRA's ViT results also use HiDeLoRA, which this
+disagree we follow the paper (docs/deviations.md, deviations 11-17; TreeLoRA's ViT results also use HiDeLoRA, which this
 file does not, deviation 17).
 
 The method in five lines:
@@ -37,7 +37,7 @@ class Args(CLArgs):
 
     lam: float = arg(0.5, "the pull's worth as a fraction of the task loss, ramped from 0 to lam within each "
                           "epoch; 0 with --grad-density 1 is SeqLoRA")
-    # reconstructed: c is ours, on the scale of the per-entry L1 rewards (README, deviation 16).
+    # reconstructed: c is ours, on the scale of the per-entry L1 rewards (docs/deviations.md, deviation 16).
     lcb_c: float = arg(0.01, "exploration constant c of the lower confidence bound mu - c sqrt(log s / n)")
     grad_density: float = arg(0.5, "fraction of each LoRA gradient's entries kept per step (1: dense)")
     arm: str = arg("tree", "how each layer's past task is chosen: tree (the LCB tree search), random (uniform, "
@@ -55,7 +55,7 @@ class Args(CLArgs):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The K-D tree over past tasks (the official code's tree; README, deviation 13)
+# The K-D tree over past tasks (the official code's tree; docs/deviations.md, deviation 13)
 
 
 def median_split(tasks: Sequence[int], scores: Tensor) -> tuple[list[int], list[int]]:
@@ -142,7 +142,7 @@ def tree_search(tree: KDTree, total: Tensor, plays: Tensor, node_mean: Tensor, n
     then takes the best arm of the leaf. O(height) per layer; exact whenever the bound is tight (c = 0, or
     equal play counts); a subtree holding an unplayed arm has bound -inf, so unplayed arms come first.
     """
-    # reconstructed: subtree bounds from (min mean, min plays) and a greedy descent (README, deviation 12).
+    # reconstructed: subtree bounds from (min mean, min plays) and a greedy descent (docs/deviations.md, deviation 12).
     beta = c * math.sqrt(math.log(step))
     cols = torch.arange(total.shape[1], device=total.device)
     node = torch.zeros_like(cols)  # every layer starts at the root
@@ -227,7 +227,7 @@ def scale_free(pull: Tensor, task_loss: Tensor, lam: float) -> Tensor:
 
 def sparsify_gradients_(params: Sequence[nn.Parameter], density: float) -> None:
     """Keep the ceil(density * n) largest-magnitude entries of each gradient, zero the rest, in place."""
-    # reconstructed: the paper's 'sparse gradient updates' as magnitude top-k per step (README, deviation 15).
+    # reconstructed: the paper's 'sparse gradient updates' as magnitude top-k per step (docs/deviations.md, deviation 15).
     for p in params:
         if p.grad is not None:
             flat = p.grad.view(-1)
@@ -326,7 +326,7 @@ class TreeLoRA(Method):
         if self.lam == 0:  # SeqLoRA or its sparse variant: nothing is pulled, so nothing needs keeping
             return {}
         mean_a = self.last_epoch_mean  # g_t per layer
-        # reconstructed: the first task's drift is measured from the initial A (README, deviation 14).
+        # reconstructed: the first task's drift is measured from the initial A (docs/deviations.md, deviation 14).
         drift = [(m - p).flatten()[None] for m, p in zip(mean_a, self.previous)]  # (1, r*k) per layer
         self.drifts = [torch.cat([old, d]) for old, d in zip(self.drifts, drift)] if self.drifts else drift
         self.g = [torch.cat([g, m[None]]) for g, m in zip(self.g, mean_a)] if self.g else [m[None] for m in mean_a]

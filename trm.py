@@ -1,7 +1,7 @@
 """TRM: Trajectory Regularized Merging, continual merging without storing past models or data.
 
 Paper: https://arxiv.org/abs/2605.08311 (only the abstract is public). Everything below beyond the abstract's
-three objectives is a RECONSTRUCTION (README, deviations 18-23).
+three objectives is a RECONSTRUCTION (docs/deviations.md, deviations 18-23).
 
 The method in five lines:
   1. Keep only the frozen backbone W0 and one merged delta M per LoRA layer between tasks.
@@ -35,7 +35,7 @@ from lora_vit import ViT, lora_layers, lora_parameters
 class Args(CLArgs):
     """TRM's flags on top of the shared protocol."""
 
-    # reconstructed: every default below is ours; the paper's values are not public.
+    # reconstructed: every default below is ours; the paper's values are not public (deviation 21).
 
     snapshots: int = arg(0, "snapshots K of the task's LoRA delta, evenly spread over its epochs (0: one per epoch)")
     merge_steps: int = arg(100, "Adam steps S on the merge coefficients; 0 is the plain sequential merge")
@@ -86,13 +86,13 @@ def initial_coefficients(layers: int, snapshots: int, device: torch.device | Non
 
 def snapshot_epochs(epochs: int, snapshots: int) -> list[int]:
     """The K epochs (0-based) after which a snapshot is taken, evenly spread, always including the last."""
-    # reconstructed: one snapshot per epoch by default; fewer are spread evenly (README, deviation 19).
+    # reconstructed: one snapshot per epoch by default; fewer are spread evenly (docs/deviations.md, deviation 19).
     return sorted({round((k + 1) * epochs / snapshots) - 1 for k in range(snapshots)})
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The three objectives and the trust region (all on logits; T is the distillation temperature)
-# reconstructed: the abstract names the three objectives; these formulas are ours (README, deviation 21).
+# reconstructed: the abstract names the three objectives; these formulas are ours (docs/deviations.md, deviation 21).
 
 
 def distill_kl(teacher: Tensor, student: Tensor, temperature: float) -> Tensor:
