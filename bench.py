@@ -40,6 +40,7 @@ from data import class_order, make_synthetic, split_data
 import ham
 import treelora
 import trm
+from classifier import RidgeHead
 from continual import TaskBatches
 from ham import HAM
 from lora_vit import PRESETS as VIT_PRESETS, ViT, ViTConfig, add_lora_, lora_layers, strip_lora_
@@ -72,7 +73,7 @@ PRESETS = {
                 tasks=(10, 20), method_flags={}),
     # the smoke test's budget
     "tiny": dict(flags=["--dataset", "synthetic", "--backbone", "vit_nano", "--epochs", "1", "--batch-size", "32",
-                        "--train-per-class", "4"], tasks=(4,), method_flags={"trm": ["--merge-steps", "2"]}),
+                        "--train-per-class", "4", "--rp-dim", "64"], tasks=(4,), method_flags={"trm": ["--merge-steps", "2"]}),
 }
 
 SEQLORA = ("treelora", ["--lam", "0", "--grad-density", "1"])  # one LoRA trained on every task in turn
@@ -169,6 +170,9 @@ def final_model(out: Path, config: dict, num_classes: int) -> ViT:
     model.load_state_dict(checkpoint["model"], strict=False)
     for layer in lora_layers(model):
         layer.fold_()
+    if args.classifier == "ridge":  # the run's head is RanPAC's: the projection from the seed, its solved weights
+        projection = continual.random_projection(args.seed, cfg.dim, args.rp_dim, torch.device("cpu"))
+        model.head = RidgeHead(projection, checkpoint["classifier"]["ridge_weight"])
     return strip_lora_(model).eval()
 
 

@@ -327,6 +327,19 @@ class Classifier:
             self.bias.copy_(state["bias"])
 
 
+class RidgeHead(nn.Module):
+    """The ridge head as a module, for a deployed model: logits = ReLU(f W) Wo (or f Wo without a projection)."""
+
+    def __init__(self, projection: Tensor | None, weight: Tensor):
+        super().__init__()
+        self.register_buffer("projection", projection)
+        self.register_buffer("weight", weight)  # (M, C)
+
+    def forward(self, features: Tensor) -> Tensor:
+        f = features.float()
+        return (f if self.projection is None else torch.relu(f @ self.projection)) @ self.weight
+
+
 def head_problem(kind: str, drift: str, rp_dim: int) -> str | None:
     """Why a head and a drift treatment do not go together, as one sentence, or None."""
     if kind not in CLASSIFIERS or drift not in DRIFT:

@@ -1,4 +1,9 @@
-"""Shared test helpers. Hypothesis is derandomised when CI is set (CI=true in .ci/run)."""
+"""Shared test helpers. Hypothesis is derandomised when CI is set (CI=true in .ci/run).
+
+pytest.ini runs the suite on 2 pytest-xdist workers: much of it waits on child processes (killed and resumed runs,
+torchrun, the bench), so two workers keep both cores busy. Each worker and every process it starts then uses one
+thread, so the two workers together use the machine's two cores.
+"""
 import os
 import pickle
 import subprocess
@@ -13,7 +18,11 @@ settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True
 settings.register_profile("dev", deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per worker and per child process it starts
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(min(2, torch.get_num_threads()))
 
 HERE = Path(__file__).parent
 # the smallest runs that still learn: vit_nano (2 blocks, width 48) on synthetic data with the random-init smoke

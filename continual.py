@@ -97,7 +97,7 @@ class CLArgs:
     lr: float = arg(1e-4, "Adam learning rate (constant) of the LoRA factors and the method's own parameters")
     head_lr: float = arg(1e-2, "Adam learning rate of the head (0: --lr); a head 100x faster than the backbone is "
                                "SLCA's slow learner")
-    classifier: str = arg("align", "the head after each task: linear (the masked head as trained; ablation), align "
+    classifier: str = arg("ridge", "the head after each task: linear (the masked head as trained; ablation), align "
                                    "(retrained on features sampled from every seen class's Gaussian), ncm (cosine "
                                    "to the class-mean features) or ridge (RanPAC: ridge regression on a random "
                                    "ReLU projection of the features)", choices=CLASSIFIERS)
@@ -521,8 +521,12 @@ def task_logits(model: ViT, x: Tensor, classes: range) -> Tensor:
 
 def evaluate(model: ViT, data: SplitData, seen: int, *, batch_size: int, img_size: int, normalize: str,
              amp: bool, ranks: Ranks = SINGLE) -> list[float]:
-    """Accuracy (percent) on each seen task's test classes under the model's own head (evaluate_heads)."""
-    head = lambda feats, hi: F.linear(feats, model.head.weight[:hi].float(), model.head.bias[:hi].float())
+    """Accuracy (percent) on each seen task's test classes under the model's own head (evaluate_heads): its linear
+    head, or any module that maps features to every class's logits (a deployed ridge head, classifier.RidgeHead)."""
+    if isinstance(model.head, nn.Linear):
+        head = lambda feats, hi: F.linear(feats, model.head.weight[:hi].float(), model.head.bias[:hi].float())
+    else:
+        head = lambda feats, hi: model.head(feats)[:, :hi]
     return evaluate_heads(model, data, seen, [head], batch_size=batch_size, img_size=img_size, normalize=normalize,
                           amp=amp, ranks=ranks)[0]
 

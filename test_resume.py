@@ -21,11 +21,11 @@ from lora_vit import PRESETS, ViT
 
 SCRIPTS = {"ham": ham, "treelora": treelora, "trm": trm}
 TINY = ["--dataset", "synthetic", "--backbone", "vit_nano", "--tasks", "4", "--epochs", "2", "--batch-size", "16",
-        "--train-per-class", "8"]
-# TreeLoRA keeps RanPAC's ridge head beside its own: its projection, G, Q and weights must resume to the bit too
-EXTRA = {"ham": ["--groups", "2"], "treelora": ["--compare-heads", "ridge", "--rp-dim", "32"],
+        "--train-per-class", "8", "--rp-dim", "64"]
+# TreeLoRA keeps the nearest-mean head beside its own: its statistics and rows must resume to the bit too
+EXTRA = {"ham": ["--groups", "2"], "treelora": ["--compare-heads", "ncm"],
          "trm": ["--merge-steps", "6"]}
-KILL_POINTS = 10
+KILL_POINTS = 6  # i % 4 finished tasks before the kill: every task's training, merge and checkpoint is hit
 
 
 def _quiet_main(script: str, argv: list[str]) -> None:
@@ -57,8 +57,9 @@ def _assert_identical(out: Path, reference: Path) -> None:
     for k in ("g", "drifts", "merged"):
         for a, b in zip(c["method_state"].get(k, []), c0["method_state"].get(k, [])):
             assert torch.equal(a, b), k
-    for k in ("means", "factors"):  # the head's statistics (the default classifier, align, keeps both)
+    for k in ("G", "Q", "ridge_weight"):  # the head's statistics (the default classifier, ridge, keeps G and Q)
         assert c["classifier"][k] is not None and torch.equal(c["classifier"][k], c0["classifier"][k]), k
+    assert c["classifier"]["lam"] == c0["classifier"]["lam"]
     assert r["heads"] == r0["heads"] and c["compare_heads"].keys() == c0["compare_heads"].keys()
     for name, state in c0["compare_heads"].items():  # heads kept beside the run's (ridge: G, Q, its weights)
         for k, v in state.items():
