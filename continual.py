@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from classifier import CLASSIFIERS, DRIFT, RIDGE_LAMBDAS, Classifier, head_problem
-from data import (CIFAR_CLASSES, SplitData, UserError, class_order, find_fashion_mnist, load_cifar100,
-                  load_fashion_mnist, make_synthetic, read_image_folder, split_data)
+from data import (CIFAR_CLASSES, DOMAINS, SplitData, UserError, class_order, domain_class_order, find_fashion_mnist,
+                  load_cifar100, load_fashion_mnist, make_synthetic, read_image_folder, split_data, with_domains)
 from lora_vit import (PRESETS, TARGETS, TORCHVISION_WEIGHTS, LoRALinear, ViT, ViTConfig, WeightsError, add_lora_,
                       config_from_state_dict, hub_normalization, hub_weights, is_hub_name, load_backbone_,
                       read_weights_file, torchvision_weights)
@@ -75,6 +75,8 @@ class CLArgs:
                                    "holding its four idx files (gzipped or not; Debian's dataset-fashion-mnist puts "
                                    "them in /usr/share/datasets/fashion-mnist); both are downloaded there when "
                                    "absent; folder: the folder holding train/ and test/")
+    domains: int = arg(1, "see every class in D domains (2-4: as is, inverted, rotated 90, rotated 180) as D times "
+                          "the classes, each task in one domain, task t in domain t mod D (1: off)")
     train_per_class: int = arg(0, "use only the first N training images of each class (0: all)")
     test_per_class: int = arg(0, "evaluate on only the first N test images of each class (0: all)")
     class_seed: int = arg(1993, "seed of the class order numpy.random.RandomState(seed).permutation(n)")
@@ -120,12 +122,17 @@ class CLArgs:
 
     def problem(self) -> str | None:
         """The first invalid setting, as one sentence, or None."""
+        if not 1 <= self.domains <= len(DOMAINS):
+            return f"--domains must be between 1 (off) and {len(DOMAINS)}."
         if self.dataset != "folder":
             n = DATASET_CLASSES[self.dataset]
-            divisors = [d for d in range(2, n + 1) if n % d == 0]
-            if self.tasks not in divisors:
+            valid = domain_task_counts(n, self.domains)
+            if self.tasks not in valid and self.domains == 1:
                 return (f"--tasks must divide the {n} classes of {self.dataset} into at least 2 tasks; use one of "
-                        f"{', '.join(map(str, divisors))}.")
+                        f"{', '.join(map(str, valid))}.")
+            if self.tasks not in valid:
+                return (f"--tasks with --domains {self.domains} must give each domain the same whole number of tasks "
+                        f"of {self.dataset}'s {n} classes; use one of {', '.join(map(str, valid))}.")
         elif self.tasks < 2:
             return "--tasks must be at least 2."
         targets = self.targets.split(",")
@@ -181,6 +188,11 @@ class CLArgs:
             return (f"--data-root {self.data_root} holds no Fashion-MNIST idx files and cannot be written to download "
                     "them; Debian's dataset-fashion-mnist puts them in /usr/share/datasets/fashion-mnist.")
         return None
+
+
+def domain_task_counts(n: int, domains: int) -> list[int]:
+    """Task counts that split n classes seen in `domains` domains into tasks of one domain each, at least 2."""
+    return [domains * k for k in range(1, n + 1) if n % k == 0 and domains * k >= 2]
 
 
 def parse_lambdas(text: str) -> tuple[float, ...]:
@@ -369,12 +381,17 @@ def load_data(args: CLArgs, img_size: int, device: torch.device) -> SplitData:
     else:
         raw = load_cifar100(args.data_root)
     n = len(raw["class_names"])
-    if n % args.tasks:
-        divisors = [d for d in range(2, n + 1) if n % d == 0]
-        raise UserError(f"--tasks {args.tasks} does not divide the {n} classes of {args.data_root}; use one of "
-                        f"{', '.join(map(str, divisors))}.")
-    return split_data(raw, order=class_order(args.class_seed, n), tasks=args.tasks,
-                      train_per_class=args.train_per_class, test_per_class=args.test_per_class, device=device)
+    valid = domain_task_counts(n, args.domains)
+    if args.tasks not in valid:
+        raise UserError(f"--tasks {args.tasks} does not split the {n} classes of {args.data_root}"
+                        + (f" in {args.domains} domains" if args.domains > 1 else "")
+                        + f" evenly; use one of {', '.join(map(str, valid))}.")
+    order = class_order(args.class_seed, n)
+    if args.domains > 1:
+        raw = with_domains(raw, args.domains, args.train_per_class, args.test_per_class)
+        order = domain_class_order(args.class_seed, n, args.domains, n * args.domains // args.tasks)
+    return split_data(raw, order=order, tasks=args.tasks, train_per_class=args.train_per_class,
+                      test_per_class=args.test_per_class, device=device)
 
 
 def crop_flip(x: Tensor, oy: Tensor, ox: Tensor, flip: Tensor, pad: int) -> Tensor:
@@ -510,6 +527,48 @@ def cl_metrics(acc: Sequence[Sequence[float]], sizes: Sequence[int] | None = Non
     bwt = [acc[T - 1][j] - acc[j][j] for j in old]
     mean = lambda xs: sum(xs) / len(xs) if xs else 0.0
     return {"A_t": A, "A_last": A[-1], "A_avg": mean(A), "forgetting": mean(forgetting), "BWT": mean(bwt)}
+
+
+def structure_measures(domains: Sequence[int], groups: Sequence[Sequence[int]] | None, tasks: Sequence[dict]) -> dict:
+    """Whether a method found a known task structure (--domains: task t's domain is domains[t]).
+
+    HAM: the share of same-domain pairs among the pairs of tasks that share a group, against a random grouping of
+    the same tasks (a random pair of them shares a domain with probability sum_d n_d (n_d - 1) / (n (n - 1))).
+    TreeLoRA: the share of its picks (every layer, every step) that chose a past task of the current task's domain,
+    against a uniform pick's (the share of same-domain tasks among the past ones, weighted by the picks).
+    Groups list tasks counted from 1, as results.json does.
+    """
+    out = {}
+    if groups:
+        pairs = [(a, b) for g in groups for i, a in enumerate(g) for b in g[i + 1:]]
+        members = [domains[m - 1] for g in groups for m in g]
+        n, counts = len(members), [members.count(d) for d in set(members)]
+        out["ham_groups"] = {
+            "same_domain_pairs": sum(domains[a - 1] == domains[b - 1] for a, b in pairs) / len(pairs) if pairs else None,
+            "pairs": len(pairs),
+            "random_grouping": sum(c * (c - 1) for c in counts) / (n * (n - 1)) if n > 1 else None}
+    picks = [(i, np.array(t["selections"]).sum(0)) for i, t in enumerate(tasks) if "selections" in t]
+    if picks:
+        same = sum(c[[domains[j] == domains[i] for j in range(len(c))]].sum() for i, c in picks)
+        total = sum(c.sum() for _, c in picks)
+        uniform = sum(c.sum() * np.mean([domains[j] == domains[i] for j in range(len(c))]) for i, c in picks)
+        per_task = [float(c[[domains[j] == domains[i] for j in range(len(c))]].sum() / max(c.sum(), 1)) for i, c in picks]
+        out["treelora_picks"] = {"same_domain_share": float(same / total), "uniform_pick": float(uniform / total),
+                                 "per_task": per_task}
+    return out
+
+
+def describe_structure(measures: dict) -> list[str]:
+    lines = []
+    if measures.get("ham_groups", {}).get("same_domain_pairs") is not None:
+        g = measures["ham_groups"]
+        lines.append(f"structure: {100 * g['same_domain_pairs']:.0f}% of the {g['pairs']} pairs of tasks sharing a HAM "
+                     f"group share a domain (random grouping: {100 * g['random_grouping']:.0f}%)")
+    if "treelora_picks" in measures:
+        p = measures["treelora_picks"]
+        lines.append(f"structure: {100 * p['same_domain_share']:.0f}% of TreeLoRA's picks chose a past task of the "
+                     f"current task's domain (uniform picks: {100 * p['uniform_pick']:.0f}%)")
+    return lines
 
 
 def task_logits(model: ViT, x: Tensor, classes: range) -> Tensor:
@@ -1068,6 +1127,7 @@ def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, 
         acc, per_task, trainable = state["accuracy_matrix"], state["tasks"], state["trainable_params"]
         earlier_seconds, train_seconds = state["wall_seconds"], state["train_seconds"]
         log(f"resumed from {out / CHECKPOINT}: {len(acc)} of {args.tasks} tasks already done")
+    domains = [t % args.domains for t in range(args.tasks)]  # --domains: each task's domain (data.domain_class_order)
     clock = {"start": time.perf_counter(), "epochs_done": 0, "epochs_total": (args.tasks - len(acc)) * args.epochs}
 
     def results() -> dict:
@@ -1081,6 +1141,8 @@ def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, 
             **peak_memory(device), "trainable_params": trainable,
             "stored_params": sum(t.numel() for t in [*method.stored_tensors(), *head.stored_tensors()]),
             **method.summary(), "tasks": per_task,
+            **({"task_domains": domains, "structure": structure_measures(domains, method.summary().get("groups"),
+                                                                          per_task)} if args.domains > 1 else {}),
             "heads": {name: {"accuracy_matrix": m, "metrics": cl_metrics([r[:seen] for r in m]),
                              "lambdas": [t["compare_heads"][name].get("lambda") for t in per_task],
                              "stored_params": sum(t.numel() for t in [*method.stored_tensors(),
@@ -1162,6 +1224,8 @@ def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, 
     m = final["metrics"]
     log(f"done in {format_seconds(final['wall_seconds'])}: A_last {m['A_last']:.2f}%  A_avg {m['A_avg']:.2f}%  "
         f"forgetting {m['forgetting']:.2f}  BWT {m['BWT']:.2f}  -> {out / 'results.json'}")
+    for line in describe_structure(final.get("structure", {})):
+        log(line)
     if ranks.main:
         log(plot_accuracy(final, out / "accuracy.png"))
         line = plot_mechanism(final, out / "mechanism.png")

@@ -271,6 +271,43 @@ def class_order(class_seed: int, n: int = CIFAR_CLASSES) -> list[int]:
     return np.random.RandomState(class_seed).permutation(n).tolist()
 
 
+DOMAINS = ("as is", "inverted", "rotated 90", "rotated 180")  # --domains k uses the first k
+
+
+def domain_image(x: Tensor, domain: int) -> Tensor:
+    """uint8 images (N, 3, H, W) in one of DOMAINS: as they are, inverted (255 - x), or rotated by 90 or 180
+    degrees counter-clockwise (not a horizontal flip, which the augmentation applies anyway)."""
+    if domain == 1:
+        return 255 - x
+    return torch.rot90(x, k=domain - 1, dims=(2, 3)) if domain else x
+
+
+def with_domains(raw: dict, domains: int, train_per_class: int = 0, test_per_class: int = 0) -> dict:
+    """Every class seen in `domains` domains: n classes become domains * n, class d * n + c being class c in domain
+    d (named 'name (inverted)' and so on). Each class's first train_per_class / test_per_class images (0: all) are
+    kept, the same images in every domain, so the domains differ in their pixels alone."""
+    n, out = len(raw["class_names"]), {"class_names": []}
+    for d in range(domains):
+        out["class_names"] += [name if d == 0 else f"{name} ({DOMAINS[d]})" for name in raw["class_names"]]
+    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
+        keep = first_per_class(raw[f"{split}_y"], n, per_class)
+        x, y = raw[f"{split}_x"][keep], raw[f"{split}_y"][keep]
+        out[f"{split}_x"] = torch.cat([domain_image(x, d) for d in range(domains)])
+        out[f"{split}_y"] = torch.cat([y + d * n for d in range(domains)])
+    return out
+
+
+def domain_class_order(class_seed: int, n: int, domains: int, classes_per_task: int) -> list[int]:
+    """The class order of the domain regime: the n base classes in RandomState(class_seed).permutation(n), cut into
+    tasks of classes_per_task; task t takes domain t mod domains and that domain's next chunk, so the most similar
+    earlier task (the same domain) is `domains` tasks back, never the previous one."""
+    base, order = class_order(class_seed, n), []
+    for t in range(domains * n // classes_per_task):
+        d, chunk = t % domains, t // domains
+        order += [d * n + c for c in base[chunk * classes_per_task:(chunk + 1) * classes_per_task]]
+    return order
+
+
 @dataclass
 class SplitData:
     """Images stay uint8 on the training device; labels are relabelled so task t owns [t*c, (t+1)*c)."""

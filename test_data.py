@@ -5,10 +5,12 @@ import struct
 import pytest
 import torch
 
+import continual
 import data
 from conftest import TINY, learned, run_script
 from continual import CLArgs
-from data import FASHION_MNIST_FILES, UserError, find_fashion_mnist, load_fashion_mnist, read_fashion_mnist, read_idx
+from data import (FASHION_MNIST_FILES, UserError, class_order, domain_class_order, find_fashion_mnist, first_per_class,
+                  load_fashion_mnist, read_fashion_mnist, read_idx, with_domains)
 
 
 def idx_bytes(t: torch.Tensor) -> bytes:
@@ -119,3 +121,64 @@ def test_fashion_mnist_end_to_end(tmp_path):
     r = json.loads((tmp_path / "run" / "results.json").read_text())
     assert r["finished"] and not r["synthetic_data"] and r["config"]["dataset"] == "fashion-mnist"
     assert len(r["class_order"]) == 10 and learned(r)
+
+
+# ---- the domain regime: every class in several domains, one domain per task
+
+
+def test_domains_are_the_same_images_transformed(tmp_path):
+    t = fake_fashion_mnist(n_train=40, n_test=20, seed=5)
+    write_fashion_mnist(tmp_path, t, gz=True)
+    raw = load_fashion_mnist(str(tmp_path))
+    four = with_domains(raw, 4, train_per_class=3, test_per_class=2)
+    keep = first_per_class(raw["train_y"], 10, 3)
+    x, y = raw["train_x"][keep], raw["train_y"][keep]  # (30, 3, 28, 28): classes 0..9, 3 images each
+    n = len(y)
+    assert torch.equal(four["train_x"][:n], x) and torch.equal(four["train_y"][:n], y)
+    assert torch.equal(four["train_x"][n:2 * n], 255 - x)  # inverted
+    assert torch.equal(four["train_x"][2 * n:3 * n], x.transpose(2, 3).flip(2))  # 90 degrees counter-clockwise
+    assert torch.equal(four["train_x"][3 * n:], x.flip(2).flip(3))  # 180 degrees
+    assert torch.equal(four["train_y"][3 * n:], y + 30) and len(four["test_y"]) == 4 * 20
+    assert four["class_names"][10] == "T-shirt/top (inverted)" and four["class_names"][39] == "Ankle boot (rotated 180)"
+
+
+@pytest.mark.parametrize("domains,tasks", [(4, 20), (4, 8), (2, 10), (3, 30)])
+def test_domain_order_gives_each_task_one_domain_taking_turns(domains, tasks):
+    n, cpt = 10, 10 * domains // tasks
+    order = domain_class_order(1993, n, domains, cpt)
+    assert sorted(order) == list(range(domains * n))  # every class of every domain once
+    for t in range(tasks):
+        classes = order[t * cpt:(t + 1) * cpt]
+        assert {c // n for c in classes} == {t % domains}  # one domain, in turn: the same domain is `domains` back
+    base = class_order(1993, n)
+    assert [c % n for c in order[:cpt]] == base[:cpt] and order == domain_class_order(1993, n, domains, cpt)
+
+
+def test_structure_measures_by_hand():
+    domains = [0, 1, 0, 1, 0, 1]
+    # groups (tasks from 1): {1, 3, 5} all domain 0 -> 3 same pairs; {2, 4} domain 1 -> 1; {6} none: 4 of 4
+    m = continual.structure_measures(domains, [[1, 3, 5], [2, 4], [6]], [])
+    # a random pair of the 6 tasks shares a domain with probability (3*2 + 3*2) / (6*5) = 0.4
+    assert m["ham_groups"] == {"same_domain_pairs": 1.0, "pairs": 4, "random_grouping": 0.4}
+    tasks = [{}, {"selections": [[4], [4]]},  # task 2 (domain 1): 8 picks of task 1 (domain 0)
+             {"selections": [[3, 1], [2, 2]]}]  # task 3 (domain 0): task 1 picked 5 times of 8 (same domain)
+    p = continual.structure_measures(domains, None, tasks)["treelora_picks"]
+    assert p["same_domain_share"] == 5 / 16 and p["per_task"] == [0.0, 5 / 8]
+    assert p["uniform_pick"] == (8 * 0 + 8 * 0.5) / 16
+
+
+def test_domain_flags_are_checked(usage_error):
+    assert "use one of 4, 8, 20, 40" in usage_error(CLArgs, ["--dataset", "fashion-mnist", "--domains", "4", "--tasks", "10"])
+    assert "--domains must be between 1 (off) and 4" in usage_error(CLArgs, ["--domains", "5"])
+
+
+def test_domain_regime_end_to_end(tmp_path):
+    import json
+    t = fake_fashion_mnist(n_train=100, n_test=40)
+    write_fashion_mnist(tmp_path / "fm", t, gz=False)
+    argv = [*TINY[2:], "--dataset", "fashion-mnist", "--data-root", str(tmp_path / "fm"), "--domains", "4",
+            "--tasks", "8", "--epochs", "1", "--train-per-class", "4", "--groups", "3", "--out", str(tmp_path / "run")]
+    stdout = run_script("ham", argv).stdout
+    r = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert r["task_domains"] == [0, 1, 2, 3, 0, 1, 2, 3] and len(r["class_order"]) == 40
+    assert r["structure"]["ham_groups"]["pairs"] > 0 and "pairs of tasks sharing a HAM group share a domain" in stdout
