@@ -654,6 +654,9 @@ def main() -> None:
                         help="the CUDA path: start-up, host syncs inside steps, kill and resume, then --speed")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
+                        help="--precision for every run of --preset (default: the scripts' own, auto); runs in other "
+                             "precisions go to their own folders")
     parser.add_argument("--out", default="bench_results", help="folder for the runs, tables and JSON")
     parser.add_argument("flags", nargs="*", metavar="-- FLAG",
                         help="with --preset custom: the scripts' shared flags (python ham.py --help), after --, "
@@ -663,6 +666,9 @@ def main() -> None:
         parser.error("flags after -- go with --preset custom only.")
     if args.preset == "custom":
         PRESETS["custom"] = custom_preset(args.flags)
+    if args.preset and args.precision:
+        PRESETS[args.preset] = {**PRESETS[args.preset], "flags": [*PRESETS[args.preset]["flags"], "--precision",
+                                                                  args.precision]}
     if not (args.preset or args.speed or args.search or args.gpu_check):
         parser.error("choose --preset, --speed, --search or --gpu-check.")
     if args.gpu_check and not args.device.startswith("cuda"):
@@ -697,7 +703,8 @@ def main() -> None:
         print(f"{args.set}, preset {args.preset}: {' '.join(PRESETS[args.preset]['flags'])}", flush=True)
         t0 = time.perf_counter()
         timing = 2.0 if args.set == "methods" and args.preset != "tiny" else 0.05 if args.set == "methods" else 0.0
-        result = compare(args.preset, args.set, args.seeds, out / f"runs_{args.preset}", args.device, args.jobs,
+        runs = out / (f"runs_{args.preset}" + (f"_{args.precision}" if args.precision else ""))
+        result = compare(args.preset, args.set, args.seeds, runs, args.device, args.jobs,
                          timing, tuple(args.tasks or ()), tuple(args.variants.split(",")) if args.variants else ())
         table = markdown_table(result["rows"])
         plot = plot_curves(result["curves"], out / f"{name}.png")

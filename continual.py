@@ -116,6 +116,9 @@ class CLArgs:
                                  "comma-separated list of KIND or KIND/DRIFT, KIND one of linear, align, ncm, ridge "
                                  "(--rp-dim) or ridge0 (M = 0), e.g. ridge,align/oracle,ridge0/linear")
     device: str = arg("auto", "auto (CUDA when available), cpu, cuda or cuda:N")
+    precision: str = arg("auto", "the backbone's precision: bf16 autocast (heads, statistics and merges stay float32) "
+                                 "or fp32; auto: bf16 on CUDA and on CPUs with bf16 instructions (avx512_bf16, "
+                                 "amx_bf16), else fp32", choices=("auto", "fp32", "bf16"))
     out: str = arg("", "run folder for results.json, log.txt, accuracy.png and checkpoint.pt; empty: "
                        "runs/<method>-<dataset>-T<tasks>-seed<seed>-<hash of the other settings>")
     resume: bool = arg(False, "continue the run in --out from its last finished task (same settings required)")
@@ -229,6 +232,22 @@ def parse_heads(text: str, rp_dim: int) -> list[tuple[str, str, str, int]]:
             raise ValueError(f"{name} is named twice")
         heads.append((name, kind, drift, m))
     return heads
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (Linux's /proc/cpuinfo flags avx512_bf16 or amx_bf16)."""
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+
+
+def bf16_autocast(precision: str, device: torch.device) -> bool:
+    """--precision: whether the backbone runs under bf16 autocast on `device`."""
+    if precision == "auto":
+        return device.type == "cuda" or cpu_has_bf16()
+    return precision == "bf16"
 
 
 def device_problem(name: str) -> str | None:
@@ -382,14 +401,14 @@ def load_data(args: CLArgs, img_size: int, device: torch.device) -> SplitData:
         raw = load_cifar100(args.data_root)
     n = len(raw["class_names"])
     valid = domain_task_counts(n, args.domains)
-    if args.tasks not in valid:
-        raise UserError(f"--tasks {args.tasks} does not split the {n} classes of {args.data_root}"
-                        + (f" in {args.domains} domains" if args.domains > 1 else "")
-                        + f" evenly; use one of {', '.join(map(str, valid))}.")
+    if args.tasks not in valid and args.tasks != 1:  # 1: the joint baseline, every class at once
+        raise UserError(f"--tasks {args.tasks} does not divide the {n} classes of {args.data_root}"
+                        + (f" seen in {args.domains} domains into tasks of one domain" if args.domains > 1 else "")
+                        + f"; use one of {', '.join(map(str, valid))}.")
     order = class_order(args.class_seed, n)
-    if args.domains > 1:
+    if args.domains > 1:  # (joint: one task holding every domain's classes, in the same order)
         raw = with_domains(raw, args.domains, args.train_per_class, args.test_per_class)
-        order = domain_class_order(args.class_seed, n, args.domains, n * args.domains // args.tasks)
+        order = domain_class_order(args.class_seed, n, args.domains, n * args.domains // max(args.tasks, args.domains))
     return split_data(raw, order=order, tasks=args.tasks, train_per_class=args.train_per_class,
                       test_per_class=args.test_per_class, device=device)
 
@@ -597,7 +616,7 @@ def evaluate_heads(model: ViT, data: SplitData, seen: int, heads: Sequence[Calla
     task id). A head maps float32 features (B, D) and the number of seen classes to logits (B, seen classes);
     every head reads the same features, computed once.
 
-    The backbone runs under bf16 autocast on CUDA, the heads in float32 (bf16 logits would tie near-equal
+    With amp the backbone runs under bf16 autocast (--precision), the heads in float32 (bf16 logits would tie near-equal
     classes, and argmax breaks ties toward the lower index, an older task). Counts stay on the device; under
     torchrun each rank evaluates a slice and the counts are summed.
     """
@@ -608,7 +627,7 @@ def evaluate_heads(model: ViT, data: SplitData, seen: int, heads: Sequence[Calla
     sizes = torch.zeros(seen, dtype=torch.int64, device=data.test_y.device)
     for s in range(0, len(idx), batch_size):
         b = idx[s:s + batch_size]
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(data.test_x.device.type, dtype=torch.bfloat16, enabled=amp):
             feats = model.forward_features(to_model_input(data.test_x[b], img_size, normalize))  # (B, D)
         y = data.test_y[b]
         task = y // data.classes_per_task
@@ -628,7 +647,7 @@ def task_features(model: ViT, data: SplitData, task: int, *, batch_size: int, im
     idx = data.train_indices(task)
     feats = []
     for s in range(0, len(idx), batch_size):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(data.train_x.device.type, dtype=torch.bfloat16, enabled=amp):
             feats.append(model.forward_features(to_model_input(data.train_x[idx[s:s + batch_size]], img_size,
                                                                normalize)).float())
     model.train()
@@ -691,7 +710,7 @@ SYNC_CHECK = "CL_SYNC_CHECK"  # set to 1 (bench.py --gpu-check): CUDA warns at e
 
 
 def train_task(model: ViT, method: Method, batches: TaskBatches, *, epochs: int, lr: float, head_lr: float, task: int,
-               tasks: int, clock: dict, log: Callable[[str], None]) -> int:
+               tasks: int, clock: dict, log: Callable[[str], None], amp: bool = False) -> int:
     """Train one task with the masked cross-entropy plus the method's hooks; one log line per epoch.
 
     Returns the number of parameters trained.
@@ -708,8 +727,7 @@ def train_task(model: ViT, method: Method, batches: TaskBatches, *, epochs: int,
               else {"params": [g], "lr": head_lr if id(g) in head else lr} for g in params]
     opt = torch.optim.Adam(groups, lr=lr)
     device = batches.data.train_x.device
-    amp = device.type == "cuda"
-    sync_check = amp and os.environ.get(SYNC_CHECK) == "1"
+    sync_check = device.type == "cuda" and os.environ.get(SYNC_CHECK) == "1"
     model.train()
     for epoch in range(epochs):
         t0 = time.perf_counter()
@@ -720,7 +738,7 @@ def train_task(model: ViT, method: Method, batches: TaskBatches, *, epochs: int,
         if sync_check:  # bench.py --gpu-check: torch warns at every host sync inside the steps
             torch.cuda.set_sync_debug_mode("warn")
         for step, (x, y) in enumerate(batches):
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = task_logits(model, x, batches.classes)  # (B, c)
             loss = F.cross_entropy(logits, y)
             penalty = method.penalty(loss)
@@ -1105,6 +1123,8 @@ def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, 
         f"{'synthetic data' if args.dataset == 'synthetic' else args.dataset}, {args.tasks} tasks of "
         f"{data.classes_per_task} classes, {len(data.train_y)} training images, device {device}")
     log(f"class order (class seed {args.class_seed}): {data.order}")
+    amp = bf16_autocast(args.precision, device)
+    log(f"precision: {'bf16 autocast' if amp else 'float32'} on {device.type} (--precision {args.precision})")
     log(f"config: {json.dumps(asdict(args))}")
 
     gen, device_gen = run_generators(args.seed, device)
@@ -1156,12 +1176,12 @@ def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, 
             batches = TaskBatches(data, task, batch_size=args.batch_size, img_size=cfg.img_size,
                                   normalize=args.normalize, gen=gen, device_gen=device_gen, ranks=ranks)
             feature_kw = dict(batch_size=2 * args.batch_size, img_size=cfg.img_size, normalize=args.normalize,
-                              amp=device.type == "cuda")
+                              amp=amp)
             needs_before = any(h.needs_features_before for h in heads) and task
             before = task_features(model, data, task, **feature_kw)[0] if needs_before else None
             trainable = train_task(model, method, batches, epochs=args.epochs, lr=args.lr,
                                    head_lr=args.head_lr or args.lr, task=task,
-                                   tasks=args.tasks, clock=clock, log=log)
+                                   tasks=args.tasks, clock=clock, log=log, amp=amp)
             t0 = time.perf_counter()
             info = method.end_task(task, batches, log)
             compare_seconds = 0.0  # the heads kept beside the run's and the oracle's extra passes: not training
@@ -1191,7 +1211,7 @@ def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, 
             per_task.append(info)
             row, *beside_rows = evaluate_heads(model, data, task + 1, [h.logits for h in heads],
                                                batch_size=2 * args.batch_size, img_size=cfg.img_size,
-                                               normalize=args.normalize, amp=device.type == "cuda", ranks=ranks)
+                                               normalize=args.normalize, amp=amp, ranks=ranks)
             acc.append(row + [None] * (args.tasks - task - 1))
             for label, r in zip(beside, beside_rows):
                 beside_acc[label].append(r + [None] * (args.tasks - task - 1))

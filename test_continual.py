@@ -439,3 +439,33 @@ def test_checkpoints_are_read_onto_the_cpu(tmp_path, monkeypatch):
                                          "--normalize", "imagenet", "--out", str(out)])
     continual.load_checkpoint(out / continual.CHECKPOINT, args, "finetune", torch.device("cpu"))
     assert calls == ["cpu", "cpu"]
+
+
+def test_precision_auto_follows_the_device_and_the_cpu(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert continual.bf16_autocast("auto", cuda) and not continual.bf16_autocast("fp32", cuda)
+    assert continual.bf16_autocast("bf16", cpu) and not continual.bf16_autocast("fp32", cpu)
+    monkeypatch.setattr(continual, "cpu_has_bf16", lambda: False)
+    assert not continual.bf16_autocast("auto", cpu)
+    monkeypatch.setattr(continual, "cpu_has_bf16", lambda: True)
+    assert continual.bf16_autocast("auto", cpu)
+
+
+def test_bf16_runs_train_under_autocast_and_repeat_bit_for_bit(tmp_path, monkeypatch):
+    """--precision bf16 on the CPU: the backbone's matmuls run in bf16 (seen by a probe), and a run repeats itself."""
+    dtypes = []
+    real = continual.task_logits
+
+    def probe(model, x, classes):  # the dtype a block's first linear layer returns
+        linear = next(m for m in model.blocks[0].modules() if isinstance(m, torch.nn.Linear))
+        hook = linear.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+        try:
+            return real(model, x, classes)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(continual, "task_logits", probe)
+    a = run(tmp_path / "a", "--tasks", "2", "--epochs", "1", "--train-per-class", "2", "--precision", "bf16")
+    assert set(dtypes) == {torch.bfloat16}
+    b = run(tmp_path / "b", "--tasks", "2", "--epochs", "1", "--train-per-class", "2", "--precision", "bf16")
+    assert a["accuracy_matrix"] == b["accuracy_matrix"] and "precision: bf16 autocast on cpu" in (tmp_path / "a" / "log.txt").read_text()

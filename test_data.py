@@ -182,3 +182,7 @@ def test_domain_regime_end_to_end(tmp_path):
     r = json.loads((tmp_path / "run" / "results.json").read_text())
     assert r["task_domains"] == [0, 1, 2, 3, 0, 1, 2, 3] and len(r["class_order"]) == 40
     assert r["structure"]["ham_groups"]["pairs"] > 0 and "pairs of tasks sharing a HAM group share a domain" in stdout
+    joint = [*argv[:-2], "--baseline", "joint", "--out", str(tmp_path / "joint")]  # one task of every domain's class
+    run_script("baselines", [a for a in joint if a not in ("--groups", "3")])
+    j = json.loads((tmp_path / "joint" / "results.json").read_text())
+    assert sorted(j["class_order"]) == list(range(40)) and len(j["accuracy_matrix"]) == 1
