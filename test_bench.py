@@ -3,6 +3,7 @@
 The benchmark itself is not a test; these only check that its parts run and fit together.
 """
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -103,3 +104,17 @@ def test_custom_preset_flags_are_checked_first():
         proc = subprocess.run([sys.executable, "bench.py", *argv], cwd=HERE, capture_output=True, text=True)
         assert proc.returncode != 0 and "Traceback" not in proc.stderr
         assert message in proc.stderr.strip().splitlines()[-1]
+
+
+def test_structure_measures_get_their_own_table():
+    runs = [{"structure": {"ham_groups": {"same_domain_pairs": p, "pairs": 10, "random_grouping": 0.2}}}
+            for p in (0.5, 0.7)]
+    row = bench.structure_row(runs)
+    assert row["HAM same-domain pairs in a group"] == (60.0, statistics.stdev([50.0, 70.0]))
+    assert row["random grouping's"] == (20.0, 0.0) and bench.structure_row([{}]) == {}
+    base = {"method": "HAM", "tasks": 20, "A_last": (1.0, 0.0), "A_avg": None, "forgetting": None, "BWT": None,
+            "train_seconds": (1.0, 0.0), "peak_memory_MiB": (1.0, 0.0), "stored_params": 1,
+            "inference_images_per_second": None}
+    table = bench.markdown_table([{**base, "structure": row}, {**base, "method": "frozen", "structure": {}}])
+    assert "| HAM | 20 | HAM same-domain pairs in a group 60.0 ± 14.1; random grouping's 20.0 |" in table
+    assert "| frozen | 20 | HAM" not in table
