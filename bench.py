@@ -186,26 +186,28 @@ def final_model(out: Path, config: dict, num_classes: int) -> ViT:
 
 @torch.no_grad()
 def inference_images_per_second(model: torch.nn.Module, device: torch.device, batch: int, seconds: float,
-                                img_size: int) -> float:
+                                img_size: int, amp: bool | None = None) -> float:
+    """amp: bf16 autocast (default: on CUDA only)."""
     model = model.to(device)
     x = torch.randn(batch, 3, img_size, img_size, device=device)
-    amp = device.type == "cuda"
+    amp = device.type == "cuda" if amp is None else amp
 
     def forward():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             model(x)
 
     return batch / time_per_call(forward, device, seconds)
 
 
 def best_of_alternating(models: dict, device: torch.device, batch: int, seconds: float, img_size: int,
-                        rounds: int = 5) -> dict[str, float]:
+                        rounds: int = 5, amp: bool | None = None) -> dict[str, float]:
     """Inference images/s of each model, timed in turn for `rounds` rounds, the best round of each: on a shared
     CPU single timings wander by several per cent, more than the differences compared."""
     best = {name: 0.0 for name in models}
     for _ in range(rounds):
         for name, model in models.items():
-            best[name] = max(best[name], inference_images_per_second(model, device, batch, seconds / rounds, img_size))
+            best[name] = max(best[name], inference_images_per_second(model, device, batch, seconds / rounds, img_size,
+                                                                     amp))
     return best
 
 
@@ -474,7 +476,7 @@ def training_step_fn(model, params, x: torch.Tensor, y: torch.Tensor, amp: bool)
     opt = torch.optim.Adam(params, lr=1e-4)
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
             loss = F.cross_entropy(model(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -514,10 +516,11 @@ def consolidate_random_task(method: continual.Method, model: ViT, task: int, dev
     return time.perf_counter() - t0
 
 
-def speed(device: torch.device, backbone: str, batch: int, seconds: float = 2.0) -> dict:
-    """Images/s and MFU of our LoRA step and torchvision's full fine-tuning step, forwards, HAM after folding."""
+def speed(device: torch.device, backbone: str, batch: int, seconds: float = 2.0, amp: bool | None = None) -> dict:
+    """Images/s and MFU of our LoRA step and torchvision's full fine-tuning step, forwards, HAM after folding;
+    amp: bf16 autocast (default: on CUDA only), MFU then against the bf16 matmul peak."""
     cfg = VIT_PRESETS[backbone]
-    amp = device.type == "cuda"
+    amp = device.type == "cuda" if amp is None else amp
     dtype = torch.bfloat16 if amp else torch.float32
     peak = peak_matmul_flops(device, dtype, seconds)
     x = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device)
@@ -546,7 +549,7 @@ def speed(device: torch.device, backbone: str, batch: int, seconds: float = 2.0)
     strip_lora_(folded)
     models = {"ours": ViT(cfg, NUM_CLASSES), "torchvision": tv, "ham_folded": folded}
     fwd = best_of_alternating({k: m.to(device).eval() for k, m in models.items()}, device, batch, 2 * seconds,
-                              cfg.img_size)
+                              cfg.img_size, amp=amp)
     out["forward_images_per_second"] = fwd
     out["forward_ours_vs_torchvision"] = fwd["ours"] / fwd["torchvision"]
     out["ham_folded_inference_vs_backbone"] = fwd["ham_folded"] / fwd["ours"]
@@ -750,17 +753,21 @@ def main() -> None:
 
     if args.speed:
         backbone, batch = ("vit_b_16", 256) if device.type == "cuda" else ("vit_small_cifar", 64)
-        s = speed(device, backbone, batch)
+        both = device.type == "cpu" and continual.cpu_has_bf16()  # --precision auto picks bf16 here: time both
+        speeds = [speed(device, backbone, batch, amp=amp) for amp in ((False, True) if both else (None,))]
         rows = growth(device, backbone)
-        report["speed"], report["growth"] = s, rows
-        print(f"\nSpeed, {stamp}: {backbone}, batch {batch}, {s['dtype']}")
-        print(f"| measure | value |\n| --- | --- |\n"
-              f"| peak matmul ({s['dtype']}) | {s['peak_flops'] / 1e12:.3f} TFLOP/s |\n"
-              f"| our LoRA training step | {s['lora_step']['images_per_second']:.1f} img/s, MFU {100 * s['lora_step']['mfu']:.1f}% |\n"
-              f"| torchvision full fine-tuning step | {s['torchvision_full_step']['images_per_second']:.1f} img/s, MFU {100 * s['torchvision_full_step']['mfu']:.1f}% |\n"
-              f"| LoRA step speed / torchvision full step | {s['lora_step_vs_torchvision_full_step']:.2f}× |\n"
-              f"| forward: ours / torchvision | {s['forward_ours_vs_torchvision']:.3f} ({s['forward_images_per_second']['ours']:.1f} vs {s['forward_images_per_second']['torchvision']:.1f} img/s) |\n"
-              f"| HAM folded inference / plain backbone | {s['ham_folded_inference_vs_backbone']:.3f} |")
+        report["speed"], report["growth"] = speeds[-1], rows
+        if both:
+            report["speed_fp32"] = speeds[0]
+        for s in speeds:
+            print(f"\nSpeed, {stamp}: {backbone}, batch {batch}, {s['dtype']}")
+            print(f"| measure | value |\n| --- | --- |\n"
+                  f"| peak matmul ({s['dtype']}) | {s['peak_flops'] / 1e12:.3f} TFLOP/s |\n"
+                  f"| our LoRA training step | {s['lora_step']['images_per_second']:.1f} img/s, MFU {100 * s['lora_step']['mfu']:.1f}% |\n"
+                  f"| torchvision full fine-tuning step | {s['torchvision_full_step']['images_per_second']:.1f} img/s, MFU {100 * s['torchvision_full_step']['mfu']:.1f}% |\n"
+                  f"| LoRA step speed / torchvision full step | {s['lora_step_vs_torchvision_full_step']:.2f}× |\n"
+                  f"| forward: ours / torchvision | {s['forward_ours_vs_torchvision']:.3f} ({s['forward_images_per_second']['ours']:.1f} vs {s['forward_images_per_second']['torchvision']:.1f} img/s) |\n"
+                  f"| HAM folded inference / plain backbone | {s['ham_folded_inference_vs_backbone']:.3f} |")
         print(f"\nGrowth with the number of tasks ({backbone} qkv LoRA r=8; HAM with 5 groups)")
         print("| tasks | HAM stored | HAM merge s (last task) | TreeLoRA search ms/step | TreeLoRA stored | TRM stored |\n"
               "| --- | --- | --- | --- | --- | --- |")

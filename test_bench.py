@@ -57,7 +57,9 @@ def test_final_model_reproduces_the_runs_last_evaluation(tmp_path):
 def test_speed_and_growth_run_on_a_tiny_backbone():
     s = bench.speed(torch.device("cpu"), "vit_nano", batch=4, seconds=0.01)
     assert s["peak_flops"] > 0 and 0 < s["lora_step"]["mfu"] < 1 and s["forward_ours_vs_torchvision"] > 0
-    assert s["ham_folded_inference_vs_backbone"] > 0
+    assert s["ham_folded_inference_vs_backbone"] > 0 and s["dtype"] == "torch.float32"
+    b = bench.speed(torch.device("cpu"), "vit_nano", batch=4, seconds=0.01, amp=True)  # --precision bf16 on the CPU
+    assert b["dtype"] == "torch.bfloat16" and b["lora_step"]["images_per_second"] > 0
     rows = bench.growth(torch.device("cpu"), "vit_nano", task_counts=(2, 3))
     assert rows[0]["trm_stored_bytes"] == rows[1]["trm_stored_bytes"] > 0  # TRM keeps W0 and M only
     assert rows[0]["treelora_stored_bytes"] < rows[1]["treelora_stored_bytes"]  # TreeLoRA keeps one vector per task
