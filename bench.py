@@ -110,7 +110,7 @@ SETS = {
         **learner_rows("TreeLoRA", "treelora", ALIGN, BOTH),
         "TRM + align": ("trm", ALIGN),
         "TRM + ridge": ("trm", RIDGE),  # TRM's merge reads the head, so each head is a run of its own
-        **learner_rows("SeqLoRA", *SEQLORA, BOTH),
+        **learner_rows("SeqLoRA", SEQLORA[0], [*SEQLORA[1], *ALIGN], BOTH),
         **learner_rows("frozen", "baselines", [*FROZEN, *ALIGN], {**BOTH, "nearest class mean": "ncm"}),
         **learner_rows("first-session", "baselines", [*FIRST, *ALIGN], BOTH),
         **learner_rows("joint (upper bound)", "baselines", ["--baseline", "joint", *ALIGN], BOTH),
@@ -121,7 +121,7 @@ SETS = {
         **learner_rows("TRM", "trm", ALIGN, STALE),
         "TRM + ridge (own)": ("trm", RIDGE),
         "TRM + ridge (own), oracle": ("trm", RIDGE, "ridge/oracle"),
-        **learner_rows("SeqLoRA", *SEQLORA, STALE),
+        **learner_rows("SeqLoRA", SEQLORA[0], [*SEQLORA[1], *ALIGN], STALE),
         **learner_rows("frozen", "baselines", [*FROZEN, *ALIGN], {"align": None, "ridge": "ridge"}),
     },
     "ham": {
