@@ -892,11 +892,16 @@ def _draw_ham(plt, results: dict):
     for reason, marker in (("opened: the first task", "D"), ("opened: a free group for each task left", "o"),
                            ("opened: no group similar enough", "^"), ("joined the most similar group", "s")):
         xs = [i + 1 for i in range(T) if reasons[i] == reason]
-        if xs:
-            groups.scatter(xs, [tasks[i - 1]["group"] for i in xs], marker=marker, s=60, label=reason)
-    groups.set(title="group of each task", xlabel="task", ylabel="group", xticks=list(x),
+        if xs:  # with --domains, the colour is the task's domain: a group of one colour found the structure
+            colours = [f"C{results['task_domains'][i - 1]}" for i in xs] if "task_domains" in results else "C0"
+            groups.scatter(xs, [tasks[i - 1]["group"] for i in xs], marker=marker, s=60, c=colours)
+            groups.scatter([], [], marker=marker, s=40, color="grey", label=reason)  # the legend's entry
+    for d in sorted(set(results.get("task_domains", []))):
+        groups.scatter([], [], marker="o", s=40, color=f"C{d}", label=f"domain {d + 1}")
+    groups.set(title="group of each task" + (" (colour: its domain)" if "task_domains" in results else ""),
+               xlabel="task", ylabel="group", xticks=list(x),
                yticks=range(1, max(t["group"] for t in tasks) + 1))
-    groups.legend(fontsize=8)
+    groups.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.22))
     alpha.bar(list(x), [t["importance"] for t in tasks], color="tab:orange")
     alpha.axhline(0, color="black", lw=0.5)
     alpha.set(title="importance alpha_t (the adapter's scale)", xlabel="task", xticks=list(x))
