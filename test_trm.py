@@ -232,7 +232,10 @@ def test_end_to_end_synthetic(tmp_path):
     r = json.loads((tmp_path / "results.json").read_text())
     assert r["finished"] and r["synthetic_data"] and r["method"] == "trm" and learned(r)
     last = r["tasks"][-1]
-    assert set(last["objectives_before"]) == {"alignment", "consistency", "responsiveness", "trust", "total"}
+    assert set(last["objectives_before"]) == {"alignment", "consistency", "responsiveness", "trust", "total",
+                                              "old_predictions_kept"}
+    assert r["tasks"][0]["objectives_before"]["old_predictions_kept"] == 1.0  # no old classes yet
+    assert 0 <= last["objectives_after"]["old_predictions_kept"] <= 1
     assert last["objectives_before"]["trust"] == 0 and last["objectives_after"]["trust"] > 0
     assert r["tasks"][0]["objectives_before"]["consistency"] == 0  # no old classes in the first task
     assert "TRM merge, on its first batch:" in stdout and "responsiveness hinge" in stdout
@@ -254,3 +257,19 @@ def test_snapshots_are_held_once_while_merging(monkeypatch):
     monkeypatch.setattr(trm, "initial_coefficients", spy)
     method.end_task(0, _fixed_batch(0), lambda line: None)
     assert seen["trajectory"] == [] and len(snapshots) == 2 * len(method.layers)
+
+
+def test_old_predictions_kept_counts_agreeing_argmaxes_by_hand():
+    """On a batch of 4 with 2 old classes: the merged model agrees with the previous one on 3 of 4 images."""
+    torch.manual_seed(0)
+    w0 = [torch.zeros(2, 2)]
+    prev, directions = [torch.zeros(2, 2)], torch.zeros(1, 1, 2, 2)
+    feats = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    head = (torch.eye(3, 2), torch.zeros(3))  # class 2 (the new task) scores 0
+    previous = torch.tensor([[2.0, 1.0, 0.0], [0.0, 2.0, 0.0], [0.0, 3.0, 0.0], [0.0, 2.0, 0.0]])
+    terms = trm.merge_objective(trm.initial_coefficients(1, 1), w0=w0, prev=prev, directions=[directions[0]],
+                                features_of=lambda weights, x: feats, head=head, x=feats, y=torch.zeros(4, dtype=torch.long),
+                                classes=range(2, 3), endpoint=torch.zeros(4, 3), previous=previous,
+                                previous_features=feats, temperature=2.0, rho=0.5, lam_pc=1.0, lam_gr=1.0, mu=0.1,
+                                c_init=trm.initial_coefficients(1, 1))
+    assert terms["old_predictions_kept"].item() == 0.75  # image 3: merged says class 0, previous class 1

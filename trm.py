@@ -158,6 +158,10 @@ def merge_objective(c: Tensor, *, w0: Sequence[Tensor], prev: Sequence[Tensor], 
     }
     terms["total"] = (terms["alignment"] + lam_pc * terms["consistency"] + lam_gr * terms["responsiveness"]
                       + mu * terms["trust"])
+    with torch.no_grad():  # a measure, not a term: how often the merged model's old-class prediction is the previous
+        # model's on this batch (no old data is kept, so old tasks' accuracy itself cannot be measured here)
+        terms["old_predictions_kept"] = ((merged[:, :lo].argmax(1) == previous[:, :lo].argmax(1)).float().mean()
+                                         if lo else torch.ones((), device=merged.device))
     return terms
 
 
