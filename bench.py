@@ -216,7 +216,7 @@ def compare(preset: str, variant_set: str, seeds: int, out: Path, device: str, j
     """Every variant of the set (or those named in `only`) with seeds 0..seeds-1, each run its own process,
     `jobs` at a time."""
     p = PRESETS[preset]
-    variants = {k: (*v, None)[:3] for k, v in SETS[variant_set].items() if not only or k in only}
+    variants = {k: v for k, v in set_rows(variant_set).items() if not only or k in only}
     heads_of = run_heads()
     compare_heads = {(script, tuple(extra)): heads_of[(script, tuple(extra))] for script, extra, _ in variants.values()}
     task_counts = task_counts or p["tasks"]
@@ -316,12 +316,17 @@ def custom_preset(flags: list[str]) -> dict:
     return dict(flags=kept, tasks=(args.tasks,), method_flags={})
 
 
+def set_rows(name: str) -> dict[str, tuple[str, list[str], str | None]]:
+    """A set's rows as label -> (script, flags, head), head None where the row reads the run's own head."""
+    return {label: (*row, None)[:3] for label, row in SETS[name].items()}
+
+
 def run_heads() -> dict[tuple, list[str]]:
     """Run (script, flags) -> the heads that rows of any set read beside its own: a run is the same folder in
     every set, so a set run after another reads its runs back."""
     heads: dict[tuple, list[str]] = {}
-    for rows in SETS.values():
-        for script, extra, head in ((*v, None)[:3] for v in rows.values()):
+    for name in SETS:
+        for script, extra, head in set_rows(name).values():
             names = heads.setdefault((script, tuple(extra)), [])
             if head and head not in names:
                 names.append(head)

@@ -149,6 +149,12 @@ def one_hot(labels: Tensor, classes: range) -> Tensor:
     return F.one_hot(labels, classes.stop).double()
 
 
+def ridge_logits(features: Tensor, projection: Tensor | None, weight: Tensor) -> Tensor:
+    """The ridge head's float32 logits: ReLU(f W) Wo, or f Wo without a projection; weight Wo is (M, C)."""
+    f = features.float()
+    return (f if projection is None else torch.relu(f @ projection)) @ weight
+
+
 def ridge_solve(G: Tensor, Q: Tensor, lam: float) -> Tensor:
     """(G + lam I)^-1 Q, float64: the ridge head's weights (M, C) from its Gram matrix and targets."""
     eye = torch.eye(len(G), dtype=G.dtype, device=G.device)
@@ -239,20 +245,21 @@ class Classifier:
         """Whether end_task_ wants every seen task's features under the current backbone (the oracle)."""
         return self.needs_features and self.drift == "oracle"
 
-    def _add(self, features: Tensor, labels: Tensor, classes: range) -> None:
-        """Append the statistics of one task's classes."""
+    def _add(self, features: Tensor, labels: Tensor, classes: range) -> Tensor | None:
+        """Append the statistics of one task's classes; the ridge head returns its input h for these features."""
         if self.kind == "ridge":
             h = project(features, self.projection)
             G, Q = h.T @ h, h.T @ one_hot(labels, classes)  # (M, M), (M, C)
             self.G = G if self.G is None else self.G + G
-            self.Q = Q if self.Q is None else torch.cat([self.Q, self.Q.new_zeros(len(Q), Q.shape[1] - self.Q.shape[1])], 1) + Q
-            return
+            self.Q = Q if self.Q is None else F.pad(self.Q, (0, Q.shape[1] - self.Q.shape[1])) + Q  # new columns
+            return h
         if self.kind == "ncm":
             means, factors = ncm_means(features, labels, classes), None
         else:
             means, factors = class_statistics(features, labels, classes)
             self.factors = factors if self.factors is None else torch.cat([self.factors, factors])
         self.means = means if self.means is None else torch.cat([self.means, means])
+        return None
 
     def _transform(self, A: Tensor) -> None:
         """Carry the stored statistics through the linear map f -> f A (features as rows)."""
@@ -270,7 +277,7 @@ class Classifier:
         rewrite the head's rows of every seen class.
 
         before: the same images' features under the backbone before the task (sdc, linear); seen: (features,
-        labels, classes) of every seen task under the current backbone, this one included (oracle).
+        labels, classes) of every seen task under the current backbone, this one included and last (oracle).
         """
         if self.kind == "linear":
             return
@@ -281,30 +288,28 @@ class Classifier:
         if self.drift == "oracle":
             self.means = self.factors = self.G = self.Q = None
             for f, y, c in seen:
-                self._add(f, y, c)
+                h = self._add(f, y, c)  # the last is this task's
         else:
             if old and self.drift == "sdc":
                 self.means = compensate_drift(self.means, before, features, labels)
             if old and self.drift == "linear":
                 self._transform(linear_drift_map(before, features))
-            self._add(features, labels, classes)
+            h = self._add(features, labels, classes)
         if self.kind == "ncm":
             ncm_head_(self.weight, self.bias, self.means)
         elif self.kind == "align":
             align_head_(self.weight, self.bias, self.means, self.factors, gen)
         else:
-            self.lam, _ = choose_lambda(project(features, self.projection), one_hot(labels, classes), self.lambdas, gen)
+            self.lam, _ = choose_lambda(h, one_hot(labels, classes), self.lambdas, gen)
             self.ridge_weight = ridge_solve(self.G, self.Q, self.lam).float()
             if not torch.isfinite(self.ridge_weight).all():
                 raise FloatingPointError("the ridge head is not finite")
 
     def logits(self, features: Tensor, seen_classes: int) -> Tensor:
         """float32 logits (B, seen_classes) of features (B, D), over every seen class."""
-        f = features.float()
         if self.kind == "ridge":
-            h = f if self.projection is None else torch.relu(f @ self.projection)
-            return h @ self.ridge_weight[:, :seen_classes]
-        return F.linear(f, self.weight[:seen_classes].float(), self.bias[:seen_classes].float())
+            return ridge_logits(features, self.projection, self.ridge_weight[:, :seen_classes])
+        return F.linear(features.float(), self.weight[:seen_classes].float(), self.bias[:seen_classes].float())
 
     def stored_tensors(self) -> list[Tensor]:
         """What the head keeps between tasks: means (and covariance factors), or G and Q."""
@@ -336,8 +341,7 @@ class RidgeHead(nn.Module):
         self.register_buffer("weight", weight)  # (M, C)
 
     def forward(self, features: Tensor) -> Tensor:
-        f = features.float()
-        return (f if self.projection is None else torch.relu(f @ self.projection)) @ self.weight
+        return ridge_logits(features, self.projection, self.weight)
 
 
 def head_problem(kind: str, drift: str, rp_dim: int) -> str | None:

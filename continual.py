@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from classifier import CLASSIFIERS, DRIFT, RIDGE_LAMBDAS, Classifier, head_problem
+from classifier import CLASSIFIERS, DRIFT, Classifier, head_problem
 from data import (CIFAR_CLASSES, DOMAINS, SplitData, UserError, class_order, domain_class_order, find_fashion_mnist,
                   load_cifar100, load_fashion_mnist, make_synthetic, read_image_folder, split_data, with_domains)
 from lora_vit import (PRESETS, TARGETS, TORCHVISION_WEIGHTS, LoRALinear, ViT, ViTConfig, WeightsError, add_lora_,
@@ -566,14 +566,15 @@ def structure_measures(domains: Sequence[int], groups: Sequence[Sequence[int]] |
             "same_domain_pairs": sum(domains[a - 1] == domains[b - 1] for a, b in pairs) / len(pairs) if pairs else None,
             "pairs": len(pairs),
             "random_grouping": sum(c * (c - 1) for c in counts) / (n * (n - 1)) if n > 1 else None}
-    picks = [(i, np.array(t["selections"]).sum(0)) for i, t in enumerate(tasks) if "selections" in t]
+    # per task with picks: (picks of each past task summed over layers, which past tasks share its domain)
+    picks = [(c, np.array([domains[j] == domains[i] for j in range(len(c))]))
+             for i, c in ((i, np.array(t["selections"]).sum(0)) for i, t in enumerate(tasks) if "selections" in t)]
     if picks:
-        same = sum(c[[domains[j] == domains[i] for j in range(len(c))]].sum() for i, c in picks)
-        total = sum(c.sum() for _, c in picks)
-        uniform = sum(c.sum() * np.mean([domains[j] == domains[i] for j in range(len(c))]) for i, c in picks)
-        per_task = [float(c[[domains[j] == domains[i] for j in range(len(c))]].sum() / max(c.sum(), 1)) for i, c in picks]
-        out["treelora_picks"] = {"same_domain_share": float(same / total), "uniform_pick": float(uniform / total),
-                                 "per_task": per_task}
+        total = sum(c.sum() for c, _ in picks)
+        out["treelora_picks"] = {
+            "same_domain_share": float(sum(c[same].sum() for c, same in picks) / total),
+            "uniform_pick": float(sum(c.sum() * same.mean() for c, same in picks) / total),
+            "per_task": [float(c[same].sum() / max(c.sum(), 1)) for c, same in picks]}
     return out
 
 
@@ -987,11 +988,15 @@ def _draw_trm(plt, results: dict):
     return fig
 
 
-def redraw(folder: Path) -> list[str]:
-    """accuracy.png and mechanism.png of a run folder, drawn again from its results.json."""
-    results = json.loads((folder / "results.json").read_text())
+def draw(results: dict, folder: Path) -> list[str]:
+    """accuracy.png and mechanism.png of a run into its folder; the log lines that say what was drawn."""
     return [line for line in (plot_accuracy(results, folder / "accuracy.png"),
                               plot_mechanism(results, folder / "mechanism.png")) if line]
+
+
+def redraw(folder: Path) -> list[str]:
+    """accuracy.png and mechanism.png of a run folder, drawn again from its results.json."""
+    return draw(json.loads((folder / "results.json").read_text()), folder)
 
 
 CHECKPOINT = "checkpoint.pt"
@@ -1156,7 +1161,7 @@ def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, 
     clock = {"start": time.perf_counter(), "epochs_done": 0, "epochs_total": (args.tasks - len(acc)) * args.epochs}
 
     def results() -> dict:
-        seen = len(acc)
+        seen, summary = len(acc), method.summary()
         return {
             "method": name, "finished": seen == args.tasks, "synthetic_data": args.dataset == "synthetic",
             "out": str(out), "config": asdict(args), "vit": asdict(cfg), "backbone_weights": source,
@@ -1165,9 +1170,9 @@ def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, 
             "wall_seconds": earlier_seconds + time.perf_counter() - start, "train_seconds": train_seconds,
             **peak_memory(device), "trainable_params": trainable,
             "stored_params": sum(t.numel() for t in [*method.stored_tensors(), *head.stored_tensors()]),
-            **method.summary(), "tasks": per_task,
-            **({"task_domains": domains, "structure": structure_measures(domains, method.summary().get("groups"),
-                                                                          per_task)} if args.domains > 1 else {}),
+            **summary, "tasks": per_task,
+            **({"task_domains": domains, "structure": structure_measures(domains, summary.get("groups"), per_task)}
+               if args.domains > 1 else {}),
             "heads": {name: {"accuracy_matrix": m, "metrics": cl_metrics([r[:seen] for r in m]),
                              "lambdas": [t["compare_heads"][name].get("lambda") for t in per_task],
                              "stored_params": sum(t.numel() for t in [*method.stored_tensors(),
@@ -1252,9 +1257,7 @@ def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, 
     for line in describe_structure(final.get("structure", {})):
         log(line)
     if ranks.main:
-        log(plot_accuracy(final, out / "accuracy.png"))
-        line = plot_mechanism(final, out / "mechanism.png")
-        if line:
+        for line in draw(final, out):
             log(line)
     return final
 
