@@ -64,6 +64,8 @@ class FirstSession(Frozen):
     """One LoRA and the head train on the first task; from the second on the backbone is frozen (Frozen)."""
 
     def begin_task(self, task: int, batches: TaskBatches) -> list[nn.Parameter]:
+        # reconstructed: the first session trains with the methods' Adam and budget, where RanPAC uses SGD with a
+        # cosine schedule (docs/deviations.md, deviation 31).
         if task == 0:
             return [*lora_parameters(self.layers), *self.head.parameters()]
         return super().begin_task(task, batches)

@@ -237,6 +237,8 @@ class TRM(Method):
         c = nn.Parameter(c_init.clone())
         opt = torch.optim.Adam([c], lr=self.merge_lr)
         amp = self.w0[0].device.type == "cuda"
+        # reconstructed: the merge reads the model's linear head whatever --classifier is: under ridge (and ncm) its
+        # rows are the masked cross-entropy's (ncm: the unit means), not the ridge head's (deviation 33).
         head = (self.model.head.weight[:batches.classes.stop].detach(), self.model.head.bias[:batches.classes.stop].detach())
         previous_w = [w0 + m for w0, m in zip(self.w0, self.merged)]  # the previous merged model, W0 + M_{t-1}
         endpoint_w = [w + d[-1] for w, d in zip(previous_w, directions)]  # the fine-tuned endpoint
