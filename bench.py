@@ -132,6 +132,7 @@ SETS = {
         "no grouping (G_max = T)": ("ham", ["--groups", "{tasks}"]),
         "one group (G_max = 1)": ("ham", ["--groups", "1"]),
         "random grouping": ("ham", ["--grouping", "random"]),
+        "shared adapter start (ours)": ("ham", ["--adapter-init", "shared"]),
         "SeqLoRA": SEQLORA,
         "SeqLoRA with linear head": ("treelora", [*SEQLORA[1], *LINEAR]),
     },
@@ -142,6 +143,7 @@ SETS = {
         "previous task": ("treelora", ["--arm", "previous"]),
         "lambda = 0": ("treelora", ["--lam", "0"]),
         "dense updates": ("treelora", ["--grad-density", "1"]),
+        "warm search start (ours)": ("treelora", ["--search-start", "warm"]),
         "SeqLoRA": SEQLORA,
     },
     "trm": {
@@ -286,8 +288,10 @@ def compare(preset: str, variant_set: str, seeds: int, out: Path, device: str, j
         if timing_seconds:  # after every run, one model at a time: the timings share the CPU with nothing
             for r in (r for (_, t, _), r in results.items() if t == tasks):
                 model = final_model(Path(r["out"]), r["config"], len(r["class_order"]))
-                r["inference_images_per_second"] = inference_images_per_second(
-                    model, torch.device(device), batch=128, seconds=timing_seconds, img_size=model.cfg.img_size)
+                amp = continual.bf16_autocast(r["config"].get("precision", "fp32"), torch.device(device))
+                r["inference_images_per_second"] = inference_images_per_second(  # in the run's own precision
+                    model, torch.device(device), batch=128, seconds=timing_seconds, img_size=model.cfg.img_size,
+                    amp=amp)
         for label, (script, extra, head) in variants.items():
             runs = [results[((script, tuple(extra)), tasks, seed)] for seed in range(seeds)]
             if head:  # a head kept beside the run's: its accuracy, the run's cost
@@ -363,14 +367,38 @@ def summarise(label: str, tasks: int, runs: list[dict]) -> dict:
 def structure_row(runs: list[dict]) -> dict:
     """--domains: each structure measure (continual.structure_measures) as mean ± std over the seeds."""
     values: dict[str, list[float]] = {}
-    for r in runs:
-        s = r.get("structure", {})
+    add = lambda name, value: values.setdefault(name, []).append(100 * value)
+    for r in runs:  # measured again from the run's per-task records, so a run older than a measure has it too
+        if "task_domains" in r:
+            d = r["task_domains"]
+            classes = r.get("task_classes") or [t // (max(d) + 1) for t in range(len(d))]
+            s = continual.structure_measures(d, r.get("groups"), r["tasks"], classes)
+        else:
+            s = r.get("structure", {})
         if s.get("ham_groups", {}).get("same_domain_pairs") is not None:
-            values.setdefault("HAM same-domain pairs in a group", []).append(100 * s["ham_groups"]["same_domain_pairs"])
-            values.setdefault("random grouping's", []).append(100 * s["ham_groups"]["random_grouping"])
+            g = s["ham_groups"]
+            add("HAM same-domain pairs in a group", g["same_domain_pairs"])
+            add("random grouping's", g["random_grouping"])
+            if g.get("same_classes_pairs") is not None:
+                add("HAM same-classes pairs", g["same_classes_pairs"])
+                add("random grouping's (classes)", g["random_grouping_classes"])
         if "treelora_picks" in s:
-            values.setdefault("TreeLoRA same-domain picks", []).append(100 * s["treelora_picks"]["same_domain_share"])
-            values.setdefault("uniform picks'", []).append(100 * s["treelora_picks"]["uniform_pick"])
+            p = s["treelora_picks"]
+            add("TreeLoRA same-domain picks", p["same_domain_share"])
+            add("uniform picks'", p["uniform_pick"])
+            if "same_classes_share" in p:
+                add("TreeLoRA same-classes picks", p["same_classes_share"])
+                add("uniform picks' (classes)", p["uniform_pick_classes"])
+        if "trm_merges" in s:
+            add("TRM old predictions kept, merged", s["trm_merges"]["kept_merged"])
+            add("plain merge's", s["trm_merges"]["kept_plain"])
+        for key, what in (("nearest_position", "mean A"), ("nearest_drift", "drift")):
+            if f"treelora_{key}" in s:
+                n = s[f"treelora_{key}"]
+                add(f"nearest by {what}: same domain", n["same_domain_share"])
+                if "same_classes_share" in n:
+                    add(f"nearest by {what}: same classes", n["same_classes_share"])
+                add(f"nearest by {what}: previous task", n["previous_share"])
     return {k: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0) for k, v in values.items()}
 
 

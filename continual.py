@@ -548,33 +548,59 @@ def cl_metrics(acc: Sequence[Sequence[float]], sizes: Sequence[int] | None = Non
     return {"A_t": A, "A_last": A[-1], "A_avg": mean(A), "forgetting": mean(forgetting), "BWT": mean(bwt)}
 
 
-def structure_measures(domains: Sequence[int], groups: Sequence[Sequence[int]] | None, tasks: Sequence[dict]) -> dict:
-    """Whether a method found a known task structure (--domains: task t's domain is domains[t]).
+def structure_measures(domains: Sequence[int], groups: Sequence[Sequence[int]] | None, tasks: Sequence[dict],
+                       classes: Sequence[int] | None = None) -> dict:
+    """Whether a method found a known task structure (--domains: task t's domain is domains[t]; classes[t] names
+    its base classes, which the same chunk of classes in the other domains shares: data.domain_class_order).
 
     HAM: the share of same-domain pairs among the pairs of tasks that share a group, against a random grouping of
     the same tasks (a random pair of them shares a domain with probability sum_d n_d (n_d - 1) / (n (n - 1))).
     TreeLoRA: the share of its picks (every layer, every step) that chose a past task of the current task's domain,
-    against a uniform pick's (the share of same-domain tasks among the past ones, weighted by the picks).
-    Groups list tasks counted from 1, as results.json does.
+    against a uniform pick's (the share of same-domain tasks among the past ones, weighted by the picks); and the
+    same for the past task an exhaustive search calls nearest. TRM: the old-class predictions each merge keeps.
+    Each share is also given for the same base classes (keys with "classes"). Groups count tasks from 1.
     """
     out = {}
+    axes = {"domain": domains, **({"classes": classes} if classes else {})}
     if groups:
-        pairs = [(a, b) for g in groups for i, a in enumerate(g) for b in g[i + 1:]]
-        members = [domains[m - 1] for g in groups for m in g]
-        n, counts = len(members), [members.count(d) for d in set(members)]
-        out["ham_groups"] = {
-            "same_domain_pairs": sum(domains[a - 1] == domains[b - 1] for a, b in pairs) / len(pairs) if pairs else None,
-            "pairs": len(pairs),
-            "random_grouping": sum(c * (c - 1) for c in counts) / (n * (n - 1)) if n > 1 else None}
-    # per task with picks: (picks of each past task summed over layers, which past tasks share its domain)
-    picks = [(c, np.array([domains[j] == domains[i] for j in range(len(c))]))
-             for i, c in ((i, np.array(t["selections"]).sum(0)) for i, t in enumerate(tasks) if "selections" in t)]
-    if picks:
-        total = sum(c.sum() for c, _ in picks)
-        out["treelora_picks"] = {
-            "same_domain_share": float(sum(c[same].sum() for c, same in picks) / total),
-            "uniform_pick": float(sum(c.sum() * same.mean() for c, same in picks) / total),
-            "per_task": [float(c[same].sum() / max(c.sum(), 1)) for c, same in picks]}
+        pairs = [(a - 1, b - 1) for g in groups for i, a in enumerate(g) for b in g[i + 1:]]
+        n = sum(len(g) for g in groups)
+        out["ham_groups"] = {"pairs": len(pairs)}
+        for axis, label in axes.items():
+            members = [label[m - 1] for g in groups for m in g]
+            counts = [members.count(d) for d in set(members)]
+            suffix = "" if axis == "domain" else "_classes"
+            g = out["ham_groups"]
+            g[f"same_{axis}_pairs"] = sum(label[a] == label[b] for a, b in pairs) / len(pairs) if pairs else None
+            g[f"random_grouping{suffix}"] = sum(c * (c - 1) for c in counts) / (n * (n - 1)) if n > 1 else None
+    picked = [(i, np.array(t["selections"]).sum(0)) for i, t in enumerate(tasks) if "selections" in t]
+    if picked:  # per task with picks: the picks of each past task summed over layers
+        total = sum(c.sum() for _, c in picked)
+        p = out["treelora_picks"] = {}
+        for axis, label in axes.items():
+            same = [(c, np.array([label[j] == label[i] for j in range(len(c))])) for i, c in picked]
+            suffix = "" if axis == "domain" else "_classes"
+            p[f"same_{axis}_share"] = float(sum(c[m].sum() for c, m in same) / total)
+            p[f"uniform_pick{suffix}"] = float(sum(c.sum() * m.mean() for c, m in same) / total)
+            if axis == "domain":
+                p["per_task"] = [float(c[m].sum() / max(c.sum(), 1)) for c, m in same]
+    merges = [t for t in tasks if "old_predictions_kept" in t.get("objectives_before", {})]
+    if merges:  # TRM: on each merge's batch, the old classes' predictions the merge keeps, plain merge and after
+        mean = lambda when, key: float(np.mean([t[f"objectives_{when}"][key] for t in merges]))
+        out["trm_merges"] = {"merges": len(merges),
+                             "kept_plain": mean("before", "old_predictions_kept"),
+                             "kept_merged": mean("after", "old_predictions_kept"),
+                             "consistency_plain": mean("before", "consistency"),
+                             "consistency_merged": mean("after", "consistency")}
+    for key in ("nearest_position", "nearest_drift"):  # TreeLoRA: the exhaustive nearest past task, per layer
+        near = [(i, t[key]) for i, t in enumerate(tasks) if key in t]
+        if near:
+            m = out[f"treelora_{key}"] = {"previous_share": float(np.mean([k == i - 1 for i, ks in near for k in ks]))}
+            for axis, label in axes.items():
+                suffix = "" if axis == "domain" else "_classes"
+                m[f"same_{axis}_share"] = float(np.mean([label[k] == label[i] for i, ks in near for k in ks]))
+                m[f"uniform_pick{suffix}"] = float(np.mean([np.mean([label[j] == label[i] for j in range(i)])
+                                                            for i, _ in near]))
     return out
 
 
@@ -583,12 +609,31 @@ def describe_structure(measures: dict) -> list[str]:
     if measures.get("ham_groups", {}).get("same_domain_pairs") is not None:
         g = measures["ham_groups"]
         lines.append(f"structure: {100 * g['same_domain_pairs']:.0f}% of the {g['pairs']} pairs of tasks sharing a HAM "
-                     f"group share a domain (random grouping: {100 * g['random_grouping']:.0f}%)")
+                     f"group share a domain (random grouping: {100 * g['random_grouping']:.0f}%)" + classes_note(
+                         g.get("same_classes_pairs"), g.get("random_grouping_classes")))
     if "treelora_picks" in measures:
         p = measures["treelora_picks"]
         lines.append(f"structure: {100 * p['same_domain_share']:.0f}% of TreeLoRA's picks chose a past task of the "
-                     f"current task's domain (uniform picks: {100 * p['uniform_pick']:.0f}%)")
+                     f"current task's domain (uniform picks: {100 * p['uniform_pick']:.0f}%)"
+                     + classes_note(p.get("same_classes_share"), p.get("uniform_pick_classes")))
+    if "trm_merges" in measures:
+        m = measures["trm_merges"]
+        lines.append(f"structure: over {m['merges']} TRM merges, the share of each merge batch's old-class predictions "
+                     f"kept from the previous model is {100 * m['kept_merged']:.1f}% after the merge against "
+                     f"{100 * m['kept_plain']:.1f}% for the plain merge (consistency loss "
+                     f"{m['consistency_merged']:.4f} against {m['consistency_plain']:.4f})")
+    for key, what in (("nearest_position", "mean A"), ("nearest_drift", "drift of A")):
+        if f"treelora_{key}" in measures:
+            p = measures[f"treelora_{key}"]
+            lines.append(f"structure: the past task nearest by {what} (exhaustive, per layer) shares the domain "
+                         f"{100 * p['same_domain_share']:.0f}% of the time (uniform: {100 * p['uniform_pick']:.0f}%; "
+                         f"the previous task: {100 * p['previous_share']:.0f}%)"
+                         + classes_note(p.get("same_classes_share"), p.get("uniform_pick_classes")))
     return lines
+
+
+def classes_note(found: float | None, chance: float | None) -> str:
+    return "" if found is None else f"; the same base classes: {100 * found:.0f}% (chance: {100 * chance:.0f}%)"
 
 
 def task_logits(model: ViT, x: Tensor, classes: range) -> Tensor:
@@ -1031,9 +1076,11 @@ def load_checkpoint(path: Path, args: CLArgs, name: str, device: torch.device) -
                         ) from None
     if state.get("method") != name:
         raise UserError(f"{path} is a checkpoint of {state.get('method')}, not {name}; choose another --out.")
-    for key, value in asdict(args).items():
-        if key not in FREE_ON_RESUME and saved.get(key) != value:
-            raise UserError(f"{path} was made with --{key.replace('_', '-')} {saved.get(key)}, not {value}; "
+    defaults = {f.name: f.default for f in fields(args)}  # a flag newer than the checkpoint: its default, which
+    for key, value in asdict(args).items():  # is the behaviour the checkpoint's run had before the flag existed
+        made = saved.get(key, defaults[key])
+        if key not in FREE_ON_RESUME and made != value:
+            raise UserError(f"{path} was made with --{key.replace('_', '-')} {made}, not {value}; "
                             "resume with the same settings or choose another --out.")
     if state["device_type"] != device.type:
         raise UserError(f"{path} was made on {state['device_type']}, not {device.type}; resume on the same kind "
@@ -1157,7 +1204,9 @@ def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, 
         acc, per_task, trainable = state["accuracy_matrix"], state["tasks"], state["trainable_params"]
         earlier_seconds, train_seconds = state["wall_seconds"], state["train_seconds"]
         log(f"resumed from {out / CHECKPOINT}: {len(acc)} of {args.tasks} tasks already done")
-    domains = [t % args.domains for t in range(args.tasks)]  # --domains: each task's domain (data.domain_class_order)
+    # --domains (data.domain_class_order): each task's domain, and which chunk of the base classes it holds
+    domains = [t % args.domains for t in range(args.tasks)]
+    classes = [t // args.domains for t in range(args.tasks)]
     clock = {"start": time.perf_counter(), "epochs_done": 0, "epochs_total": (args.tasks - len(acc)) * args.epochs}
 
     def results() -> dict:
@@ -1171,7 +1220,8 @@ def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, 
             **peak_memory(device), "trainable_params": trainable,
             "stored_params": sum(t.numel() for t in [*method.stored_tensors(), *head.stored_tensors()]),
             **summary, "tasks": per_task,
-            **({"task_domains": domains, "structure": structure_measures(domains, summary.get("groups"), per_task)}
+            **({"task_domains": domains, "task_classes": classes,
+                "structure": structure_measures(domains, summary.get("groups"), per_task, classes)}
                if args.domains > 1 else {}),
             "heads": {name: {"accuracy_matrix": m, "metrics": cl_metrics([r[:seen] for r in m]),
                              "lambdas": [t["compare_heads"][name].get("lambda") for t in per_task],

@@ -41,6 +41,10 @@ class Args(CLArgs):
                                      "fixed: a plain LoRA, alpha_t = 1 (ablation)", choices=("learned", "fixed"))
     grouping: str = arg("similarity", "how a task chooses its group: by similarity, or at random (ablation)",
                         choices=("similarity", "random"))
+    adapter_init: str = arg("fresh", "fresh: A and B redrawn at full scale for each task; shared: every task's "
+                                     "adapter starts from the same A and a near-zero B, so that its delta's "
+                                     "direction is what the task learned, in coordinates all tasks share (ours)",
+                            choices=("fresh", "shared"))
 
     def problem(self) -> str | None:
         if not 0 < self.density <= 1:
@@ -51,6 +55,8 @@ class Args(CLArgs):
             return "--threshold is a cosine similarity and must lie in [-1, 1]."
         return super().problem()
 
+
+B_INIT_STD = 1e-6  # a shared adapter's B at start: far below one Adam step (~lr), so B soon is what was learned
 
 # ----------------------------------------------------------------------------------------------------------
 # Steps 2-4 as pure functions on tensors
@@ -150,7 +156,7 @@ class HAM(Method):
     """Hierarchical Adapter Merging: steps 1 and 5 here, steps 2-4 in consolidate()."""
 
     def __init__(self, model: ViT, *, tasks: int, density: float, max_groups: int, threshold: float,
-                 importance: str, grouping: str):
+                 importance: str, grouping: str, adapter_init: str = "fresh"):
         self.head = model.head
         self.layers = lora_layers(model)
         self.tasks = tasks
@@ -160,20 +166,35 @@ class HAM(Method):
         self.learn_importance = importance == "learned"
         self.random_grouping = grouping == "random"
         self.w0 = [layer.base.weight.detach().clone() for layer in self.layers]  # the frozen W0 of every layer
+        # reconstructed: the paper does not say how a task's adapter starts (docs/deviations.md, deviation 34).
+        # With lr 1e-4 and ~30 steps a task moves each entry of A and B by ~3e-3: an adapter redrawn per task
+        # (A Kaiming, entries ~0.05; B ~ N(0, 1)) keeps its random start as its direction, and two tasks' deltas
+        # have cosine ~1e-3 whatever they learned. Shared: every task starts from the A the seed drew (kept here,
+        # a fixed r x k per layer) and from B_INIT_STD * the same B, so after one step B is what the task learned.
+        self.shared_init = adapter_init == "shared"
+        self.a0 = [layer.A.detach().clone() for layer in self.layers]
+        self.b0 = [B_INIT_STD * torch.randn_like(layer.B) for layer in self.layers] if self.shared_init else []
         self.groups: list[Group] = []
         self.importance: nn.Parameter | None = None
 
     def begin_task(self, task: int, batches: TaskBatches) -> list[nn.Parameter]:
         # Step 1: a fresh adapter; the earlier groups are already in W.
-        for layer in self.layers:
+        for layer, a0 in zip(self.layers, self.a0):
             layer.reset_adapter_()
+            if self.shared_init:
+                with torch.no_grad():
+                    layer.A.copy_(a0)
         if not self.learn_importance:  # ablation: a plain LoRA, alpha_t = 1
             return [*lora_parameters(self.layers), *self.head.parameters()]
         # reconstructed: one alpha_t per task, shared by its layers, is the adapter's scale: B is used at unit
         # norm and alpha_t starts at 0, so the fresh adapter changes nothing (docs/deviations.md, deviation 6).
         self.importance = nn.Parameter(torch.zeros((), device=self.w0[0].device))
-        for layer in self.layers:
-            nn.init.normal_(layer.B)
+        for i, layer in enumerate(self.layers):
+            with torch.no_grad():
+                if self.shared_init:
+                    layer.B.copy_(self.b0[i])
+                else:
+                    nn.init.normal_(layer.B)
             layer.importance, layer.unit_b = self.importance, True
         # reconstructed: Adam moves each of B's d*r entries by about lr per step, so a plain LoRA's |B|_F moves by
         # about lr * sqrt(d*r); alpha_t stands for that norm and gets that step (docs/deviations.md, deviation 6).
@@ -205,7 +226,8 @@ class HAM(Method):
         return {"importance": alpha, "similarities": similarities, "group": g + 1, "opened": opened, "why": why}
 
     def stored_tensors(self) -> list[Tensor]:
-        return [*self.w0, *(t for g in self.groups for t in g.delta)]
+        shared = [*self.a0, *self.b0] if self.shared_init else []
+        return [*self.w0, *shared, *(t for g in self.groups for t in g.delta)]
 
     def summary(self) -> dict:
         return {"groups": [[m + 1 for m in g.members] for g in self.groups]}  # tasks counted from 1
@@ -220,7 +242,7 @@ class HAM(Method):
 
 def make_method(model: ViT, args: Args) -> HAM:
     return HAM(model, tasks=args.tasks, density=args.density, max_groups=args.groups, threshold=args.threshold,
-               importance=args.importance, grouping=args.grouping)
+               importance=args.importance, grouping=args.grouping, adapter_init=args.adapter_init)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -114,6 +114,10 @@ def test_structure_measures_get_their_own_table():
     row = bench.structure_row(runs)
     assert row["HAM same-domain pairs in a group"] == (60.0, statistics.stdev([50.0, 70.0]))
     assert row["random grouping's"] == (20.0, 0.0) and bench.structure_row([{}]) == {}
+    # a run that kept its domains is measured again from its records, whatever its stored measures say
+    again = bench.structure_row([{"task_domains": [0, 1, 0, 1], "groups": [[1, 3], [2, 4]], "tasks": [{}] * 4,
+                                  "structure": {}}])
+    assert again["HAM same-domain pairs in a group"] == (100.0, 0.0)
     base = {"method": "HAM", "tasks": 20, "A_last": (1.0, 0.0), "A_avg": None, "forgetting": None, "BWT": None,
             "train_seconds": (1.0, 0.0), "peak_memory_MiB": (1.0, 0.0), "stored_params": 1,
             "inference_images_per_second": None}

@@ -77,7 +77,7 @@ def test_a_fresh_adapter_changes_nothing_and_alpha_is_its_scale():
 def test_joining_a_group_keeps_the_task_within_the_pruning_error():
     """The folded model's outputs on the task's own inputs after it joins a group stay within the error that
     pruning alone causes (the old mean merge shrank the task by 1/(n+1) and failed this)."""
-    h, model = _ham(2, max_groups=1)
+    h, model = _ham(2, max_groups=1, adapter_init="fresh")  # two random adapters: nearly orthogonal deltas
     _train_randomly(h, 0, 1.0, seed=0)
     h.end_task(0, None, lambda line: None)
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -193,3 +193,29 @@ def test_groups_equal_to_tasks_is_no_merging(tmp_path):
     r = ham.main([*TINY, "--tasks", "5", "--epochs", "1", "--train-per-class", "4", "--groups", "5",
                   "--out", str(tmp_path)])
     assert r["groups"] == [[1], [2], [3], [4], [5]]
+
+
+@pytest.mark.parametrize("importance", ["learned", "fixed"])
+def test_shared_init_starts_every_task_from_the_same_adapter(importance):
+    """Shared: each task's adapter starts at the A the seed drew and at a B far below one Adam step, whatever the
+    last task trained; fresh: A is redrawn, so two tasks' deltas would not share coordinates."""
+    for adapter_init in ("shared", "fresh"):
+        h, _ = _ham(3, importance=importance, adapter_init=adapter_init)
+        starts = []
+        for task in range(2):
+            h.begin_task(task, None)
+            starts.append([(layer.A.detach().clone(), layer.B.detach().clone()) for layer in h.layers])
+            with torch.no_grad():
+                for layer in h.layers:  # stand in for training
+                    layer.A.add_(1.0), layer.B.add_(1.0)
+                if h.importance is not None:
+                    h.importance.fill_(0.5)
+            h.end_task(task, None, lambda line: None)
+        for (a0, b0), (a1, b1) in zip(*starts):
+            assert torch.equal(a0, a1) == (adapter_init == "shared")
+            if importance == "fixed":
+                assert b0.abs().sum() == 0 and b1.abs().sum() == 0  # a plain LoRA's B starts at 0
+            elif adapter_init == "shared":
+                assert torch.equal(b0, b1) and 0 < b0.abs().max() <= 10 * ham.B_INIT_STD
+            else:
+                assert not torch.equal(b0, b1) and b0.abs().max() > 0.1

@@ -264,3 +264,16 @@ def test_gpu_out_of_memory_names_the_batch_size_to_try(tmp_path, monkeypatch, ca
     monkeypatch.setattr(continual, "train_task", out_of_memory)
     code, err = _run("ham", TINY + ["--out", str(tmp_path)], capsys)
     assert code == 1 and "\n" not in err and "--batch-size 16; try --batch-size 8 with --resume" in err
+
+
+def test_a_flag_newer_than_the_checkpoint_holds_its_default(finished_ham_run, tmp_path, capsys):
+    """A checkpoint written before a flag existed resumes under the flag's default (the behaviour it had then),
+    and is refused under any other value."""
+    out = _copy_run(finished_ham_run, tmp_path / "run")
+    state = torch.load(out / CHECKPOINT, weights_only=True)
+    del state["config"]["adapter_init"]
+    torch.save(state, out / CHECKPOINT)
+    argv = TINY + ["--tasks", "2", "--epochs", "1", "--out", str(out), "--resume"]
+    assert ham.main(argv)["finished"]
+    code, err = _run("ham", [*argv, "--adapter-init", "shared"], capsys)
+    assert code == 1 and "was made with --adapter-init fresh, not shared" in err

@@ -107,6 +107,22 @@ def test_search_plays_every_unplayed_arm_first(seed, T, L):
         assert sorted(chosen[:, layer].tolist()) == list(range(T))
 
 
+@settings(max_examples=40)
+@given(seeds, st.integers(1, 25), st.integers(1, 3), st.floats(0.0, 1.0))
+def test_warm_start_equals_one_play_of_every_arm(seed, T, L, c):
+    """warm_start_ leaves the statistics that playing each arm once does, so the next pick is the exhaustive
+    minimum-LCB arm (equal play counts make the descent exact), not an unplayed arm in turn."""
+    rewards = torch.rand(T, L, generator=torch.Generator().manual_seed(seed))
+    tree = build_kdtree(random_vectors(seed, T, L))
+    warm = LCBTreeSearch(tree, L, c=c, device=torch.device("cpu"))
+    warm.warm_start_(rewards)
+    played = LCBTreeSearch(tree, L, c=c, device=torch.device("cpu"))
+    play_all(played, rewards, 1)
+    for name in ("total", "plays", "node_mean", "node_plays"):
+        torch.testing.assert_close(getattr(warm, name), getattr(played, name), atol=0, rtol=0)
+    assert torch.equal(warm.select(), exhaustive_min_lcb(rewards, torch.ones(T, L), step=T + 1, c=c))
+
+
 def test_search_converges_to_the_nearest_task():
     T, L, best = 12, 2, torch.tensor([7, 3])
     g = torch.Generator().manual_seed(0)
@@ -335,3 +351,11 @@ def test_end_to_end_synthetic(tmp_path):
     ratios = r["tasks"][3]["grad_ratio_per_epoch"]  # one per epoch, as the epoch lines print them
     assert len(ratios) == 3 and all(f"|grad reg| / |grad CE| {v:.3f}" in stdout for v in ratios)
     assert_mechanism_drawn(tmp_path, stdout)
+
+
+def test_nearest_past_task_is_the_exhaustive_l1_argmin():
+    # layer 0: the last row [1, 1] is nearest (mean L1) to row 1 [1, 2] (0.5), not row 0 [3, 3] (2) or row 2 [0, 4]
+    # (2); layer 1: nearest to row 0
+    layer0 = torch.tensor([[3.0, 3.0], [1.0, 2.0], [0.0, 4.0], [1.0, 1.0]])
+    layer1 = torch.tensor([[0.0, 0.0], [5.0, 5.0], [-4.0, 4.0], [0.5, -0.5]])
+    assert treelora.nearest_past([layer0, layer1]) == [1, 0]

@@ -43,6 +43,10 @@ class Args(CLArgs):
     arm: str = arg("tree", "how each layer's past task is chosen: tree (the LCB tree search), random (uniform, "
                            "ablation) or previous (always the last task, ablation)",
                    choices=("tree", "random", "previous"))
+    search_start: str = arg("cold", "cold: the paper's bandit, which plays every unplayed past task first; warm "
+                                    "(ours): each epoch starts with one play of every past task, scored at once "
+                                    "from the current A (O(tasks) once per epoch), so that a short epoch can exploit",
+                            choices=("cold", "warm"))
 
     def problem(self) -> str | None:
         if not self.lam >= 0 or not math.isfinite(self.lam):
@@ -179,6 +183,16 @@ class LCBTreeSearch:
         self.total.zero_(), self.plays.zero_(), self.node_mean.fill_(math.inf), self.node_plays.zero_()
         self.step = 0
 
+    def warm_start_(self, rewards: Tensor) -> None:
+        """One play of every arm at once, rewards (T, L): the statistics that playing each arm once leaves, so that
+        the descent can exploit from the next step rather than first play every arm in turn."""
+        self.total.copy_(rewards)
+        self.plays.fill_(1)
+        self.node_plays.fill_(1)
+        for node, tasks in enumerate(self.tree.node_tasks):
+            self.node_mean[node] = rewards[tasks].min(0).values
+        self.step = rewards.shape[0]
+
     def select(self) -> Tensor:
         """The past task chosen for each layer, (L,) int64, on the device."""
         self.step += 1
@@ -208,6 +222,12 @@ class LCBTreeSearch:
                 internal, torch.minimum(self.node_mean[lo, cols], self.node_mean[hi, cols]), self.node_mean[node, cols])
             self.node_plays[node, cols] = torch.where(
                 internal, torch.minimum(self.node_plays[lo, cols], self.node_plays[hi, cols]), self.node_plays[node, cols])
+
+
+def nearest_past(vectors: Sequence[Tensor]) -> list[int]:
+    """Per layer, the past task k < t whose vector is nearest in mean L1 to the last task t's (vectors: per layer
+    (t + 1, ...)); the exhaustive answer the search approximates, for the structure measures (continual.py)."""
+    return [int((v[:-1] - v[-1:]).flatten(1).abs().mean(1).argmin()) for v in vectors]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -243,13 +263,15 @@ def sparsify_gradients_(params: Sequence[nn.Parameter], density: float) -> None:
 class TreeLoRA(Method):
     """TreeLoRA: one LoRA continued across tasks, pulled each step toward the past task the tree search picks."""
 
-    def __init__(self, model: ViT, *, lam: float, lcb_c: float, grad_density: float, arm: str):
+    def __init__(self, model: ViT, *, lam: float, lcb_c: float, grad_density: float, arm: str,
+                 search_start: str = "cold"):
         self.head = model.head
         self.layers = lora_layers(model)
         self.lam = lam
         self.lcb_c = lcb_c
         self.grad_density = grad_density
         self.arm = arm
+        self.warm_start = search_start == "warm"
         self.g: list[Tensor] = []  # per layer (tasks so far, r, k): mean A over each task's last epoch
         self.drifts: list[Tensor] = []  # per layer (tasks so far, r*k): g_t - g_{t-1}, what the tree is built on
         self.previous: list[Tensor] = []  # g_{t-1} per layer (the initial A before task 1)
@@ -288,10 +310,15 @@ class TreeLoRA(Method):
             acc += layer.A.detach()  # A as this step sees it
         if not self.g or self.lam == 0:
             return None
+        running = [acc / self.step for acc in self.a_sum]  # the epoch's running mean of A
+        if self.arm == "tree" and self.warm_start and self.step == 1:
+            # reconstructed: an epoch here has ~10 steps and up to 19 past tasks, so a cold bandit, which plays
+            # every unplayed arm first, never gets to exploit; one play of every arm at once (deviation 35).
+            self.search.warm_start_(torch.stack([(g - a).flatten(1).abs().mean(1) for g, a in zip(self.g, running)], 1))
         k = self._choose()  # (L,)
         targets = [g.index_select(0, k[l:l + 1])[0] for l, g in enumerate(self.g)]  # g_k per layer, no host sync
         if self.arm == "tree":  # the bandit's reward: L1 distance from the epoch's running mean of A (official code)
-            self.search.update_(k, l1_pull([acc / self.step for acc in self.a_sum], targets))
+            self.search.update_(k, l1_pull(running, targets))
         self.chosen[k, torch.arange(len(self.layers), device=k.device)] += 1
         A = [layer.A for layer in self.layers]
         reg = scale_free(l1_pull(A, targets).sum(), task_loss, self.lam * self.step / self.steps_per_epoch)  # lam_s
@@ -333,6 +360,9 @@ class TreeLoRA(Method):
         self.previous = mean_a
         self._rebuild_tree()
         info = {"tree_height": self.tree.height}
+        if task:  # what an exhaustive search would call this task's nearest past task, per layer, two ways
+            info["nearest_position"] = nearest_past(self.g)  # g_t against g_k: what the bandit's reward measures
+            info["nearest_drift"] = nearest_past(self.drifts)  # g_t - g_{t-1} against g_k - g_{k-1}: gradients
         if self.chosen is not None:
             info["selections"] = self.chosen.T.tolist()  # per layer, how often each past task was chosen
             info["grad_ratio_per_epoch"] = self.ratios
@@ -363,7 +393,8 @@ class TreeLoRA(Method):
 
 
 def make_method(model: ViT, args: Args) -> TreeLoRA:
-    return TreeLoRA(model, lam=args.lam, lcb_c=args.lcb_c, grad_density=args.grad_density, arm=args.arm)
+    return TreeLoRA(model, lam=args.lam, lcb_c=args.lcb_c, grad_density=args.grad_density, arm=args.arm,
+                    search_start=args.search_start)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
