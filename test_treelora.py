@@ -192,11 +192,11 @@ def test_the_root_split_separates_two_clusters_of_drifts():
 # ---- the method inside the loop
 
 
-def _setup(tasks: int = 4, *, lam: float = 0.5, grad_density: float = 1.0, arm: str = "tree"):
+def _setup(tasks: int = 4, *, lam: float = 0.5, grad_density: float = 1.0, arm: str = "tree", **kw):
     torch.manual_seed(0)
     model = ViT(PRESETS["vit_nano"], num_classes=100)
     add_lora_(model, ["qkv"], rank=4, lora_alpha=4.0)
-    method = treelora.TreeLoRA(model, lam=lam, lcb_c=0.01, grad_density=grad_density, arm=arm)
+    method = treelora.TreeLoRA(model, lam=lam, lcb_c=0.01, grad_density=grad_density, arm=arm, **kw)
     data = split_data(make_synthetic(0, 8, 2), order=class_order(1993), tasks=tasks,
                                 train_per_class=8, device=torch.device("cpu"))
     gen, device_gen = continual.run_generators(0, torch.device("cpu"))
@@ -257,8 +257,10 @@ def test_the_pull_is_worth_lam_s_times_the_task_loss_and_targets_the_selected_ta
         method.end_epoch(epoch)
 
 
-def test_bandit_rewards_are_distances_from_the_running_mean_of_a():
-    model, method, batches = _setup(lam=0.5)
+@pytest.mark.parametrize("reward", ["position", "drift"])
+def test_bandit_rewards_are_distances_from_the_running_mean_of_a(reward):
+    """position: the epoch's running mean of A against g_k; drift: that mean minus g_{t-1} against g_k - g_{k-1}."""
+    model, method, batches = _setup(lam=0.5, reward=reward)
     for task in range(2):
         _train(model, method, batches(task), task)
     method.begin_task(2, batches(2))
@@ -273,12 +275,36 @@ def test_bandit_rewards_are_distances_from_the_running_mean_of_a():
         method.penalty(torch.tensor(1.0))
         k = (method.chosen - before).argmax(0)
     running = [torch.stack([s[l] for s in seen]).mean(0) for l in range(len(method.layers))]
-    reward = method.search.total - total_before  # the last play's reward per layer
+    played = method.search.total - total_before  # the last play's reward per layer
     for l in range(len(method.layers)):
-        want = (running[l] - method.g[l][k[l]]).abs().mean()
-        torch.testing.assert_close(reward[k[l], l], want)
-        live = (seen[-1][l] - method.g[l][k[l]]).abs().mean()
-        assert not torch.isclose(reward[k[l], l], live)  # not the live A's distance
+        if reward == "position":
+            here, there = running[l], method.g[l][k[l]]
+            live = (seen[-1][l] - there).abs().mean()
+        else:
+            here, there = running[l] - method.g[l][1], method.g[l][k[l]] - (method.g[l][k[l] - 1] if k[l] else 0)
+            live = (seen[-1][l] - method.g[l][1] - there).abs().mean()
+            if k[l] == 0:  # the first task's drift is from the initial A, kept only as the drift itself
+                there = method.drifts[l][0].view_as(here)
+        torch.testing.assert_close(played[k[l], l], (here - there).abs().mean())
+        assert not torch.isclose(played[k[l], l], live)  # not the live A's distance
+
+
+@pytest.mark.parametrize("reward", ["position", "drift"])
+def test_warm_search_plays_every_past_task_at_the_epochs_first_step(reward):
+    """Warm: at an epoch's first step every arm gets one play scored from the current A at once, so the first
+    pick is already the nearest past task (equal play counts), where a cold bandit would play task 1 first."""
+    model, method, batches = _setup(5, lam=0.5, search_start="warm", reward=reward)
+    for task in range(4):
+        _train(model, method, batches(task), task)
+    method.begin_task(4, batches(4))
+    A = [layer.A.detach().clone() for layer in method.layers]
+    method.penalty(torch.tensor(1.0))
+    if reward == "position":
+        dist = torch.stack([(g - a).flatten(1).abs().mean(1) for g, a in zip(method.g, A)], 1)
+    else:
+        dist = torch.stack([(d - (a - g[-1]).flatten()).abs().mean(1) for d, g, a in zip(method.drifts, method.g, A)], 1)
+    assert (method.search.plays.sum(0) == 4 + 1).all()  # 4 warm plays and the step's own, per layer
+    assert torch.equal(method.chosen.argmax(0), dist.argmin(0))
 
 
 def test_random_arm_is_uniform_and_previous_arm_is_the_last_task():

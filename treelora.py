@@ -47,6 +47,10 @@ class Args(CLArgs):
                                     "(ours): each epoch starts with one play of every past task, scored at once "
                                     "from the current A (O(tasks) once per epoch), so that a short epoch can exploit",
                             choices=("cold", "warm"))
+    reward: str = arg("position", "what the bandit measures, in L1 to each past task: position, the epoch's running "
+                                  "mean of A against g_k (the official code); drift (ours), this task's drift of A "
+                                  "so far against g_k - g_{k-1}, the vectors the tree is built on",
+                      choices=("position", "drift"))
 
     def problem(self) -> str | None:
         if not self.lam >= 0 or not math.isfinite(self.lam):
@@ -264,7 +268,7 @@ class TreeLoRA(Method):
     """TreeLoRA: one LoRA continued across tasks, pulled each step toward the past task the tree search picks."""
 
     def __init__(self, model: ViT, *, lam: float, lcb_c: float, grad_density: float, arm: str,
-                 search_start: str = "cold"):
+                 search_start: str = "cold", reward: str = "position"):
         self.head = model.head
         self.layers = lora_layers(model)
         self.lam = lam
@@ -272,6 +276,7 @@ class TreeLoRA(Method):
         self.grad_density = grad_density
         self.arm = arm
         self.warm_start = search_start == "warm"
+        self.reward = reward
         self.g: list[Tensor] = []  # per layer (tasks so far, r, k): mean A over each task's last epoch
         self.drifts: list[Tensor] = []  # per layer (tasks so far, r*k): g_t - g_{t-1}, what the tree is built on
         self.previous: list[Tensor] = []  # g_{t-1} per layer (the initial A before task 1)
@@ -310,15 +315,23 @@ class TreeLoRA(Method):
             acc += layer.A.detach()  # A as this step sees it
         if not self.g or self.lam == 0:
             return None
-        running = [acc / self.step for acc in self.a_sum]  # the epoch's running mean of A
-        if self.arm == "tree" and self.warm_start and self.step == 1:
-            # reconstructed: an epoch here has ~10 steps and up to 19 past tasks, so a cold bandit, which plays
-            # every unplayed arm first, never gets to exploit; one play of every arm at once (deviation 35).
-            self.search.warm_start_(torch.stack([(g - a).flatten(1).abs().mean(1) for g, a in zip(self.g, running)], 1))
+        if self.arm == "tree":
+            # the bandit's arms: per layer, g_k (the official code) or the drifts g_k - g_{k-1} (deviation 36)
+            running = [acc / self.step for acc in self.a_sum]  # the epoch's running mean of A
+            if self.reward == "drift":  # reconstructed: this task's drift so far against the tree's vectors
+                here, arms = [(a - p).flatten() for a, p in zip(running, self.previous)], self.drifts
+            else:
+                here, arms = running, self.g
+            if self.warm_start and self.step == 1:
+                # reconstructed: an epoch here has ~10 steps and up to 19 past tasks, so a cold bandit, which plays
+                # every unplayed arm first, never gets to exploit; one play of every arm at once (deviation 35).
+                self.search.warm_start_(torch.stack([(v - h).flatten(1).abs().mean(1) for v, h in zip(arms, here)], 1))
         k = self._choose()  # (L,)
         targets = [g.index_select(0, k[l:l + 1])[0] for l, g in enumerate(self.g)]  # g_k per layer, no host sync
-        if self.arm == "tree":  # the bandit's reward: L1 distance from the epoch's running mean of A (official code)
-            self.search.update_(k, l1_pull(running, targets))
+        if self.arm == "tree":  # the reward: the L1 distance of what the arms measure
+            chosen = targets if self.reward == "position" else [
+                d.index_select(0, k[l:l + 1])[0] for l, d in enumerate(arms)]
+            self.search.update_(k, l1_pull(here, chosen))
         self.chosen[k, torch.arange(len(self.layers), device=k.device)] += 1
         A = [layer.A for layer in self.layers]
         reg = scale_free(l1_pull(A, targets).sum(), task_loss, self.lam * self.step / self.steps_per_epoch)  # lam_s
@@ -394,7 +407,7 @@ class TreeLoRA(Method):
 
 def make_method(model: ViT, args: Args) -> TreeLoRA:
     return TreeLoRA(model, lam=args.lam, lcb_c=args.lcb_c, grad_density=args.grad_density, arm=args.arm,
-                    search_start=args.search_start)
+                    search_start=args.search_start, reward=args.reward)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
