@@ -144,7 +144,7 @@ SETS = {
         "lambda = 0": ("treelora", ["--lam", "0"]),
         "dense updates": ("treelora", ["--grad-density", "1"]),
         "warm search start (ours)": ("treelora", ["--search-start", "warm"]),
-        "warm start, drift reward (ours)": ("treelora", ["--search-start", "warm", "--reward", "drift"]),
+        "warm start + drift reward (ours)": ("treelora", ["--search-start", "warm", "--reward", "drift"]),
         "SeqLoRA": SEQLORA,
     },
     "trm": {
