@@ -305,6 +305,12 @@ def test_warm_search_plays_every_past_task_at_the_epochs_first_step(reward):
         dist = torch.stack([(d - (a - g[-1]).flatten()).abs().mean(1) for d, g, a in zip(method.drifts, method.g, A)], 1)
     assert (method.search.plays.sum(0) == 4 + 1).all()  # 4 warm plays and the step's own, per layer
     assert torch.equal(method.chosen.argmax(0), dist.argmin(0))
+    # rewards in units of the first play's mean distance per layer: the warm plays average 1
+    torch.testing.assert_close(method.reward_scale, dist.mean(0))
+    k = method.chosen.argmax(0)
+    warm_total = dist / dist.mean(0)
+    warm_total[k, torch.arange(len(k))] *= 2  # the step's own play of the chosen arm, the same distance again
+    torch.testing.assert_close(method.search.total, warm_total)
 
 
 def test_random_arm_is_uniform_and_previous_arm_is_the_last_task():

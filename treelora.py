@@ -277,6 +277,7 @@ class TreeLoRA(Method):
         self.arm = arm
         self.warm_start = search_start == "warm"
         self.reward = reward
+        self.reward_scale: Tensor | float = 1.0  # warm: per layer, the mean distance of the epoch's first play
         self.g: list[Tensor] = []  # per layer (tasks so far, r, k): mean A over each task's last epoch
         self.drifts: list[Tensor] = []  # per layer (tasks so far, r*k): g_t - g_{t-1}, what the tree is built on
         self.previous: list[Tensor] = []  # g_{t-1} per layer (the initial A before task 1)
@@ -324,14 +325,17 @@ class TreeLoRA(Method):
                 here, arms = running, self.g
             if self.warm_start and self.step == 1:
                 # reconstructed: an epoch here has ~10 steps and up to 19 past tasks, so a cold bandit, which plays
-                # every unplayed arm first, never gets to exploit; one play of every arm at once (deviation 35).
-                self.search.warm_start_(torch.stack([(v - h).flatten(1).abs().mean(1) for v, h in zip(arms, here)], 1))
+                # every unplayed arm first, never gets to exploit; one play of every arm at once, and rewards in
+                # units of that play's mean distance per layer, so that c is relative (deviation 35).
+                first = torch.stack([(v - h).flatten(1).abs().mean(1) for v, h in zip(arms, here)], 1)  # (T, L)
+                self.reward_scale = first.mean(0).clamp(min=1e-12)
+                self.search.warm_start_(first / self.reward_scale)
         k = self._choose()  # (L,)
         targets = [g.index_select(0, k[l:l + 1])[0] for l, g in enumerate(self.g)]  # g_k per layer, no host sync
         if self.arm == "tree":  # the reward: the L1 distance of what the arms measure
             chosen = targets if self.reward == "position" else [
                 d.index_select(0, k[l:l + 1])[0] for l, d in enumerate(arms)]
-            self.search.update_(k, l1_pull(here, chosen))
+            self.search.update_(k, l1_pull(here, chosen) / self.reward_scale)
         self.chosen[k, torch.arange(len(self.layers), device=k.device)] += 1
         A = [layer.A for layer in self.layers]
         reg = scale_free(l1_pull(A, targets).sum(), task_loss, self.lam * self.step / self.steps_per_epoch)  # lam_s
