@@ -143,8 +143,10 @@ SETS = {
         "previous task": ("treelora", ["--arm", "previous"]),
         "lambda = 0": ("treelora", ["--lam", "0"]),
         "dense updates": ("treelora", ["--grad-density", "1"]),
-        "warm search start (ours)": ("treelora", ["--search-start", "warm"]),
-        "warm start + drift reward (ours)": ("treelora", ["--search-start", "warm", "--reward", "drift"]),
+        "the paper's search (cold start, position reward)": ("treelora", ["--search-start", "cold", "--reward",
+                                                                           "position"]),
+        "cold start": ("treelora", ["--search-start", "cold"]),
+        "position reward": ("treelora", ["--reward", "position"]),
         "SeqLoRA": SEQLORA,
     },
     "trm": {

@@ -260,7 +260,7 @@ def test_the_pull_is_worth_lam_s_times_the_task_loss_and_targets_the_selected_ta
 @pytest.mark.parametrize("reward", ["position", "drift"])
 def test_bandit_rewards_are_distances_from_the_running_mean_of_a(reward):
     """position: the epoch's running mean of A against g_k; drift: that mean minus g_{t-1} against g_k - g_{k-1}."""
-    model, method, batches = _setup(lam=0.5, reward=reward)
+    model, method, batches = _setup(lam=0.5, reward=reward, search_start="cold")  # unscaled rewards
     for task in range(2):
         _train(model, method, batches(task), task)
     method.begin_task(2, batches(2))

@@ -43,14 +43,14 @@ class Args(CLArgs):
     arm: str = arg("tree", "how each layer's past task is chosen: tree (the LCB tree search), random (uniform, "
                            "ablation) or previous (always the last task, ablation)",
                    choices=("tree", "random", "previous"))
-    search_start: str = arg("cold", "cold: the paper's bandit, which plays every unplayed past task first; warm "
-                                    "(ours): each epoch starts with one play of every past task, scored at once "
-                                    "from the current A (O(tasks) once per epoch), so that a short epoch can exploit",
-                            choices=("cold", "warm"))
-    reward: str = arg("position", "what the bandit measures, in L1 to each past task: position, the epoch's running "
-                                  "mean of A against g_k (the official code); drift (ours), this task's drift of A "
-                                  "so far against g_k - g_{k-1}, the vectors the tree is built on",
-                      choices=("position", "drift"))
+    search_start: str = arg("warm", "warm (ours): each epoch's bandit starts with one play of every past task, "
+                                    "scored at once (O(tasks) once per epoch) and in units of that play's mean, so "
+                                    "that a short epoch can exploit; cold: the paper's, unplayed past tasks first",
+                            choices=("warm", "cold"))
+    reward: str = arg("drift", "what the bandit compares in L1 with each past task k: drift (ours), this task's "
+                               "drift of A so far against g_k - g_{k-1}, the vectors the tree is built on; "
+                               "position, the epoch's running mean of A against g_k (the official code)",
+                      choices=("drift", "position"))
 
     def problem(self) -> str | None:
         if not self.lam >= 0 or not math.isfinite(self.lam):
@@ -268,7 +268,7 @@ class TreeLoRA(Method):
     """TreeLoRA: one LoRA continued across tasks, pulled each step toward the past task the tree search picks."""
 
     def __init__(self, model: ViT, *, lam: float, lcb_c: float, grad_density: float, arm: str,
-                 search_start: str = "cold", reward: str = "position"):
+                 search_start: str = "warm", reward: str = "drift"):
         self.head = model.head
         self.layers = lora_layers(model)
         self.lam = lam
