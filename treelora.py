@@ -9,7 +9,9 @@ The method in five lines:
   2. After task t, store per layer the mean g_t of A over the task's last epoch, and rebuild a K-D tree over the
      past tasks' drifts g_t - g_{t-1}, splitting at depth d on layer d's vectors.
   3. At every step, per layer, a minimum-lower-confidence-bound bandit descends the tree to the past task k
-     whose g_k is nearest (L1) to the epoch's running mean of A: O(depth) per step, not O(tasks).
+     whose drift is nearest (L1) to this task's drift of A so far: O(depth) per step, not O(tasks). (Ours,
+     deviations 35-36: each epoch's bandit starts with one play of every arm; the official code compares
+     positions, g_k against the running mean of A, and the paper plays unplayed arms first.)
   4. The loss adds a pull |A - g_k|_1 made scale-free, worth lam_s times the task loss, with lam_s ramping
      linearly from 0 to lam within each epoch.
   5. Only LoRA parameters and the head train, and only the largest entries of each LoRA gradient are kept.
@@ -319,7 +321,7 @@ class TreeLoRA(Method):
         if self.arm == "tree":
             # the bandit's arms: per layer, g_k (the official code) or the drifts g_k - g_{k-1} (deviation 36)
             running = [acc / self.step for acc in self.a_sum]  # the epoch's running mean of A
-            if self.reward == "drift":  # reconstructed: this task's drift so far against the tree's vectors
+            if self.reward == "drift":  # reconstructed: this drift so far against the tree's vectors (deviation 36)
                 here, arms = [(a - p).flatten() for a, p in zip(running, self.previous)], self.drifts
             else:
                 here, arms = running, self.g
