@@ -143,7 +143,7 @@ SETS = {
         "previous task": ("treelora", ["--arm", "previous"]),
         "lambda = 0": ("treelora", ["--lam", "0"]),
         "dense updates": ("treelora", ["--grad-density", "1"]),
-        "the paper's search (cold start, position reward)": ("treelora", ["--search-start", "cold", "--reward",
+        "the paper's search (cold start and position reward)": ("treelora", ["--search-start", "cold", "--reward",
                                                                            "position"]),
         "cold start": ("treelora", ["--search-start", "cold"]),
         "position reward": ("treelora", ["--reward", "position"]),
@@ -321,6 +321,19 @@ def custom_preset(flags: list[str]) -> dict:
         elif not flag.startswith("--tasks="):
             kept.append(flag)
     return dict(flags=kept, tasks=(args.tasks,), method_flags={})
+
+
+def split_variants(text: str, labels) -> list[str]:
+    """--variants: comma-separated labels, read as the longest label at each point, so that a label may hold a
+    comma itself ("HAM + align, oracle"). Raises ValueError naming the first text that is no label."""
+    chosen = []
+    while text:
+        match = max((l for l in labels if text == l or text.startswith(l + ",")), key=len, default=None)
+        if match is None:
+            raise ValueError(repr(text.split(",")[0]))
+        chosen.append(match)
+        text = text[len(match) + 1:]
+    return chosen
 
 
 def set_rows(name: str) -> dict[str, tuple[str, list[str], str | None]]:
@@ -744,10 +757,10 @@ def main() -> None:
     args.speed = args.speed or args.gpu_check
     if args.seeds < 1 or args.jobs < 1:
         parser.error("--seeds and --jobs must be at least 1.")
-    unknown = [v for v in (args.variants or "").split(",") if v and v not in SETS[args.set]]
-    if unknown:
-        parser.error(f"--variants: {unknown[0]!r} is not a variant of --set {args.set}; choose from "
-                     f"{', '.join(SETS[args.set])}.")
+    try:
+        args.variants = split_variants(args.variants or "", SETS[args.set])
+    except ValueError as e:
+        parser.error(f"--variants: {e} is not a variant of --set {args.set}; choose from {' | '.join(SETS[args.set])}.")
     if args.preset not in ("custom", "domains") and any(t < 2 or 100 % t for t in args.tasks or ()):
         parser.error("--tasks takes task counts that divide 100 into at least 2 tasks.")
     if args.device == "auto":
@@ -773,7 +786,7 @@ def main() -> None:
         timing = 2.0 if args.set == "methods" and args.preset != "tiny" else 0.05 if args.set == "methods" else 0.0
         runs = out / (f"runs_{args.preset}" + (f"_{args.precision}" if args.precision else ""))
         result = compare(args.preset, args.set, args.seeds, runs, args.device, args.jobs,
-                         timing, tuple(args.tasks or ()), tuple(args.variants.split(",")) if args.variants else ())
+                         timing, tuple(args.tasks or ()), tuple(args.variants))
         table = markdown_table(result["rows"])
         plot = plot_curves(result["curves"], out / f"{name}.png")
         print(f"\n{stamp} ({time.perf_counter() - t0:.0f} s, {args.jobs} job(s) at a time)\n\n{table}\n\n{plot}")

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import bench
@@ -124,3 +125,13 @@ def test_structure_measures_get_their_own_table():
     table = bench.markdown_table([{**base, "structure": row}, {**base, "method": "frozen", "structure": {}}])
     assert "| HAM | 20 | HAM same-domain pairs in a group 60.0 ± 14.1; random grouping's 20.0 |" in table
     assert "| frozen | 20 | HAM" not in table
+
+
+def test_variants_read_labels_that_hold_commas():
+    labels = ["HAM + align", "HAM + align, oracle", "frozen + ridge, M = 0", "SeqLoRA"]
+    assert bench.split_variants("HAM + align, oracle,SeqLoRA,HAM + align", labels) == [
+        "HAM + align, oracle", "SeqLoRA", "HAM + align"]
+    assert bench.split_variants("frozen + ridge, M = 0", labels) == ["frozen + ridge, M = 0"] and \
+        bench.split_variants("", labels) == []
+    with pytest.raises(ValueError, match="'HAM'"):
+        bench.split_variants("HAM,SeqLoRA", labels)
