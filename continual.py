@@ -1006,7 +1006,8 @@ def _draw_treelora(plt, results: dict):
 def _draw_trm(plt, results: dict):
     """Each merge's coefficients (mean over layers, min-max band) and each objective before and after it."""
     tasks = [(i + 1, t) for i, t in enumerate(results["tasks"]) if "coefficients" in t]
-    names = list(tasks[0][1]["objectives_after"])
+    measured = [(i, t) for i, t in tasks if "objectives_after" in t]  # none with --merge-steps 0 (plain merge)
+    names = list(measured[0][1]["objectives_after"]) if measured else []
     rows = math.ceil((1 + len(names)) / 3)
     fig, axes = plt.subplots(rows, 3, figsize=(13, 3.8 * rows), squeeze=False)
     axes = axes.flatten()
@@ -1024,11 +1025,12 @@ def _draw_trm(plt, results: dict):
     coef.set(title="coefficients minus the plain merge's\n(mean over layers, band: min to max)", xlabel="task",
              xticks=xs)
     coef.legend(fontsize=7)
+    mxs = [i for i, _ in measured]
     for ax, name in zip(axes[1:], names):
-        ax.plot(xs, [t["objectives_before"][name] for _, t in tasks], marker="o", ls="--", label="plain merge")
-        ax.plot(xs, [t["objectives_after"][name] for _, t in tasks], marker="o", label="after the merge")
-        active = [i for i, t in tasks if t.get("responsiveness_active")] if name == "responsiveness" else []
-        ax.set(title=name + (f" (hinge active: tasks {active})" if active else ""), xlabel="task", xticks=xs)
+        ax.plot(mxs, [t["objectives_before"][name] for _, t in measured], marker="o", ls="--", label="plain merge")
+        ax.plot(mxs, [t["objectives_after"][name] for _, t in measured], marker="o", label="after the merge")
+        active = [i for i, t in measured if t.get("responsiveness_active")] if name == "responsiveness" else []
+        ax.set(title=name + (f" (hinge active: tasks {active})" if active else ""), xlabel="task", xticks=mxs)
         ax.legend(fontsize=7)
     return fig
 

@@ -225,6 +225,15 @@ def test_storage_does_not_grow_with_tasks(tmp_path):
     assert after_2["stored_params"] == after_6["stored_params"] > 0
 
 
+def test_the_plain_merge_runs_and_draws_its_coefficients(tmp_path, capsys):
+    """--merge-steps 0 (the plain merge ablation) optimises nothing, so it records no objectives; its run still
+    finishes and its mechanism picture still draws."""
+    r = trm.main([*TINY, "--tasks", "2", "--epochs", "1", "--train-per-class", "4", "--merge-steps", "0",
+                  "--out", str(tmp_path)])
+    assert r["finished"] and all("objectives_after" not in t for t in r["tasks"])
+    assert_mechanism_drawn(tmp_path, capsys.readouterr().out)
+
+
 def test_end_to_end_synthetic(tmp_path):
     argv = [*TINY, "--tasks", "4", "--epochs", "3", "--train-per-class", "24", "--merge-steps", "10",
             "--out", str(tmp_path)]
