@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 import baselines
 import continual
-from data import class_order, make_synthetic, split_data
+from data import class_order, domain_task_layout, make_synthetic, split_data
 import ham
 import treelora
 import trm
@@ -386,8 +386,8 @@ def structure_row(runs: list[dict]) -> dict:
     add = lambda name, value: values.setdefault(name, []).append(100 * value)
     for r in runs:  # measured again from the run's per-task records, so a run older than a measure has it too
         if "task_domains" in r:
-            d = r["task_domains"]
-            classes = r.get("task_classes") or [t // (max(d) + 1) for t in range(len(d))]
+            d = r["task_domains"]  # a run older than task_classes: the layout from its domain count
+            classes = r.get("task_classes") or domain_task_layout(len(d), max(d) + 1)[1]
             s = continual.structure_measures(d, r.get("groups"), r["tasks"], classes)
         else:
             s = r.get("structure", {})

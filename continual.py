@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from classifier import CLASSIFIERS, DRIFT, Classifier, head_problem
-from data import (CIFAR_CLASSES, DOMAINS, SplitData, UserError, class_order, domain_class_order, find_fashion_mnist,
-                  load_cifar100, load_fashion_mnist, make_synthetic, read_image_folder, split_data, with_domains)
+from data import (CIFAR_CLASSES, DOMAINS, SplitData, UserError, class_order, domain_class_order, domain_task_layout,
+                  find_fashion_mnist, load_cifar100, load_fashion_mnist, make_synthetic, read_image_folder, split_data, with_domains)
 from lora_vit import (PRESETS, TARGETS, TORCHVISION_WEIGHTS, LoRALinear, ViT, ViTConfig, WeightsError, add_lora_,
                       config_from_state_dict, hub_normalization, hub_weights, is_hub_name, load_backbone_,
                       read_weights_file, torchvision_weights)
@@ -562,26 +562,24 @@ def structure_measures(domains: Sequence[int], groups: Sequence[Sequence[int]] |
     """
     out = {}
     axes = {"domain": domains, **({"classes": classes} if classes else {})}
+    suffix = {"domain": "", "classes": "_classes"}  # the chance keys: random_grouping, uniform_pick (+ _classes)
     if groups:
         pairs = [(a - 1, b - 1) for g in groups for i, a in enumerate(g) for b in g[i + 1:]]
         n = sum(len(g) for g in groups)
-        out["ham_groups"] = {"pairs": len(pairs)}
+        g = out["ham_groups"] = {"pairs": len(pairs)}
         for axis, label in axes.items():
-            members = [label[m - 1] for g in groups for m in g]
+            members = [label[m - 1] for grp in groups for m in grp]
             counts = [members.count(d) for d in set(members)]
-            suffix = "" if axis == "domain" else "_classes"
-            g = out["ham_groups"]
             g[f"same_{axis}_pairs"] = sum(label[a] == label[b] for a, b in pairs) / len(pairs) if pairs else None
-            g[f"random_grouping{suffix}"] = sum(c * (c - 1) for c in counts) / (n * (n - 1)) if n > 1 else None
+            g[f"random_grouping{suffix[axis]}"] = sum(c * (c - 1) for c in counts) / (n * (n - 1)) if n > 1 else None
     picked = [(i, np.array(t["selections"]).sum(0)) for i, t in enumerate(tasks) if "selections" in t]
     if picked:  # per task with picks: the picks of each past task summed over layers
         total = sum(c.sum() for _, c in picked)
         p = out["treelora_picks"] = {}
         for axis, label in axes.items():
             same = [(c, np.array([label[j] == label[i] for j in range(len(c))])) for i, c in picked]
-            suffix = "" if axis == "domain" else "_classes"
             p[f"same_{axis}_share"] = float(sum(c[m].sum() for c, m in same) / total)
-            p[f"uniform_pick{suffix}"] = float(sum(c.sum() * m.mean() for c, m in same) / total)
+            p[f"uniform_pick{suffix[axis]}"] = float(sum(c.sum() * m.mean() for c, m in same) / total)
             if axis == "domain":
                 p["per_task"] = [float(c[m].sum() / max(c.sum(), 1)) for c, m in same]
     merges = [t for t in tasks if "old_predictions_kept" in t.get("objectives_before", {})]
@@ -597,10 +595,9 @@ def structure_measures(domains: Sequence[int], groups: Sequence[Sequence[int]] |
         if near:
             m = out[f"treelora_{key}"] = {"previous_share": float(np.mean([k == i - 1 for i, ks in near for k in ks]))}
             for axis, label in axes.items():
-                suffix = "" if axis == "domain" else "_classes"
                 m[f"same_{axis}_share"] = float(np.mean([label[k] == label[i] for i, ks in near for k in ks]))
-                m[f"uniform_pick{suffix}"] = float(np.mean([np.mean([label[j] == label[i] for j in range(i)])
-                                                            for i, _ in near]))
+                m[f"uniform_pick{suffix[axis]}"] = float(np.mean([np.mean([label[j] == label[i] for j in range(i)])
+                                                                  for i, _ in near]))
     return out
 
 
@@ -1206,9 +1203,7 @@ def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, 
         acc, per_task, trainable = state["accuracy_matrix"], state["tasks"], state["trainable_params"]
         earlier_seconds, train_seconds = state["wall_seconds"], state["train_seconds"]
         log(f"resumed from {out / CHECKPOINT}: {len(acc)} of {args.tasks} tasks already done")
-    # --domains (data.domain_class_order): each task's domain, and which chunk of the base classes it holds
-    domains = [t % args.domains for t in range(args.tasks)]
-    classes = [t // args.domains for t in range(args.tasks)]
+    domains, classes = domain_task_layout(args.tasks, args.domains)  # --domains: the two axes of the structure
     clock = {"start": time.perf_counter(), "epochs_done": 0, "epochs_total": (args.tasks - len(acc)) * args.epochs}
 
     def results() -> dict:

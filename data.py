@@ -302,10 +302,15 @@ def domain_class_order(class_seed: int, n: int, domains: int, classes_per_task: 
     tasks of classes_per_task; task t takes domain t mod domains and that domain's next chunk, so the most similar
     earlier task (the same domain) is `domains` tasks back, never the previous one."""
     base, order = class_order(class_seed, n), []
-    for t in range(domains * n // classes_per_task):
-        d, chunk = t % domains, t // domains
+    for d, chunk in zip(*domain_task_layout(domains * n // classes_per_task, domains)):
         order += [d * n + c for c in base[chunk * classes_per_task:(chunk + 1) * classes_per_task]]
     return order
+
+
+def domain_task_layout(tasks: int, domains: int) -> tuple[list[int], list[int]]:
+    """Per task of domain_class_order: its domain (t mod domains) and which chunk of the base classes it holds
+    (t div domains), the two axes the structure measures read."""
+    return [t % domains for t in range(tasks)], [t // domains for t in range(tasks)]
 
 
 @dataclass

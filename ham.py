@@ -172,18 +172,18 @@ class HAM(Method):
         # have cosine ~1e-3 whatever they learned. Shared: every task starts from the A the seed drew (kept here,
         # a fixed r x k per layer) and from B_INIT_STD * the same B, so after one step B is what the task learned.
         self.shared_init = adapter_init == "shared"
-        self.a0 = [layer.A.detach().clone() for layer in self.layers]
+        self.a0 = [layer.A.detach().clone() for layer in self.layers] if self.shared_init else []
         self.b0 = [B_INIT_STD * torch.randn_like(layer.B) for layer in self.layers] if self.shared_init else []
         self.groups: list[Group] = []
         self.importance: nn.Parameter | None = None
 
     def begin_task(self, task: int, batches: TaskBatches) -> list[nn.Parameter]:
         # Step 1: a fresh adapter; the earlier groups are already in W.
-        for layer, a0 in zip(self.layers, self.a0):
+        for i, layer in enumerate(self.layers):
             layer.reset_adapter_()
             if self.shared_init:
                 with torch.no_grad():
-                    layer.A.copy_(a0)
+                    layer.A.copy_(self.a0[i])
         if not self.learn_importance:  # ablation: a plain LoRA, alpha_t = 1
             return [*lora_parameters(self.layers), *self.head.parameters()]
         # reconstructed: one alpha_t per task, shared by its layers, is the adapter's scale: B is used at unit
@@ -226,8 +226,7 @@ class HAM(Method):
         return {"importance": alpha, "similarities": similarities, "group": g + 1, "opened": opened, "why": why}
 
     def stored_tensors(self) -> list[Tensor]:
-        shared = [*self.a0, *self.b0] if self.shared_init else []
-        return [*self.w0, *shared, *(t for g in self.groups for t in g.delta)]
+        return [*self.w0, *self.a0, *self.b0, *(t for g in self.groups for t in g.delta)]  # a0, b0: shared only
 
     def summary(self) -> dict:
         return {"groups": [[m + 1 for m in g.members] for g in self.groups]}  # tasks counted from 1

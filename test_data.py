@@ -9,7 +9,7 @@ import continual
 import data
 from conftest import TINY, learned, run_script
 from continual import CLArgs
-from data import (FASHION_MNIST_FILES, UserError, class_order, domain_class_order, find_fashion_mnist, first_per_class,
+from data import (FASHION_MNIST_FILES, UserError, class_order, domain_class_order, domain_task_layout, find_fashion_mnist, first_per_class,
                   load_fashion_mnist, read_fashion_mnist, read_idx, with_domains)
 
 
@@ -152,6 +152,11 @@ def test_domain_order_gives_each_task_one_domain_taking_turns(domains, tasks):
         assert {c // n for c in classes} == {t % domains}  # one domain, in turn: the same domain is `domains` back
     base = class_order(1993, n)
     assert [c % n for c in order[:cpt]] == base[:cpt] and order == domain_class_order(1993, n, domains, cpt)
+    # the layout the structure measures read: task t's domain t mod D, and the chunk of base classes it holds
+    task_domains, chunks = domain_task_layout(tasks, domains)
+    assert task_domains == [t % domains for t in range(tasks)] and chunks == [t // domains for t in range(tasks)]
+    for t, chunk in enumerate(chunks):
+        assert [c % n for c in order[t * cpt:(t + 1) * cpt]] == base[chunk * cpt:(chunk + 1) * cpt]
 
 
 def test_structure_measures_by_hand():
