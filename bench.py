@@ -141,6 +141,7 @@ SETS = {
         "TreeLoRA with linear head": ("treelora", LINEAR),
         "random arm": ("treelora", ["--arm", "random"]),
         "previous task": ("treelora", ["--arm", "previous"]),
+        "first task (a fixed anchor)": ("treelora", ["--arm", "first"]),
         "lambda = 0": ("treelora", ["--lam", "0"]),
         "dense updates": ("treelora", ["--grad-density", "1"]),
         "the paper's search (cold start and position reward)": ("treelora", ["--search-start", "cold", "--reward",

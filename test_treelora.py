@@ -313,7 +313,7 @@ def test_warm_search_plays_every_past_task_at_the_epochs_first_step(reward):
     torch.testing.assert_close(method.search.total, warm_total)
 
 
-def test_random_arm_is_uniform_and_previous_arm_is_the_last_task():
+def test_random_arm_is_uniform_and_previous_and_first_arms_are_fixed():
     model, method, batches = _setup(5, lam=0.5, arm="random")
     for task in range(4):
         _train(model, method, batches(task), task)
@@ -330,6 +330,15 @@ def test_random_arm_is_uniform_and_previous_arm_is_the_last_task():
     for _ in range(5):
         method.penalty(torch.tensor(1.0))
     assert method.chosen[:2].sum() == 0 and method.chosen[2].sum() == 5 * len(method.layers)
+    model, method, batches = _setup(lam=0.5, arm="first")
+    for task in range(3):
+        _train(model, method, batches(task), task)
+    method.begin_task(3, batches(3))
+    A = [layer.A.detach().clone() for layer in method.layers]
+    reg = method.penalty(torch.tensor(1.0))
+    assert method.chosen[1:].sum() == 0 and method.chosen[0].sum() == len(method.layers)
+    pull = torch.stack([(a - g[0]).abs().mean() for a, g in zip(A, method.g)]).sum()  # toward task 1's g
+    torch.testing.assert_close(reg, treelora.scale_free(pull, torch.tensor(1.0), 0.5 / method.steps_per_epoch))
 
 
 def test_lambda_zero_keeps_nothing():

@@ -43,8 +43,9 @@ class Args(CLArgs):
     lcb_c: float = arg(0.01, "exploration constant c of the lower confidence bound mu - c sqrt(log s / n)")
     grad_density: float = arg(0.5, "fraction of each LoRA gradient's entries kept per step (1: dense)")
     arm: str = arg("tree", "how each layer's past task is chosen: tree (the LCB tree search), random (uniform, "
-                           "ablation) or previous (always the last task, ablation)",
-                   choices=("tree", "random", "previous"))
+                           "ablation), previous (always the last task, ablation) or first (always task 1, "
+                           "ablation: a fixed anchor)",
+                   choices=("tree", "random", "previous", "first"))
     search_start: str = arg("warm", "warm (ours): each epoch's bandit starts with one play of every past task, "
                                     "scored at once (O(tasks) once per epoch) and in units of that play's mean, so "
                                     "that a short epoch can exploit; cold: the paper's, unplayed past tasks first",
@@ -310,6 +311,8 @@ class TreeLoRA(Method):
             return torch.randint(T, (L,), device=device)
         if self.arm == "previous":  # ablation: always the last task
             return torch.full((L,), T - 1, device=device)
+        if self.arm == "first":  # ablation: always task 1, a fixed anchor that no search chooses
+            return torch.zeros(L, dtype=torch.long, device=device)
         return self.search.select()
 
     def penalty(self, task_loss: Tensor) -> Tensor | None:
