@@ -372,17 +372,34 @@ class Ranks:
 SINGLE = Ranks()
 
 
+def resolve_device(name: str) -> torch.device:
+    """--device as the device this process trains on, a CUDA device always with its index.
+
+    auto: CUDA when available, else the CPU. cuda (or auto on a GPU machine): under torchrun the GPU of this
+    process's LOCAL_RANK, else the current CUDA device (0 unless the process chose another). cuda:N: as given,
+    except under torchrun with several processes, where each rank takes the GPU of its LOCAL_RANK. An unindexed
+    torch.device("cuda") never leaves this function: torch.cuda.set_device and reset_peak_memory_stats need the
+    index (torch 2.11 raises on "cuda").
+    """
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type != "cuda":
+        return device
+    if "LOCAL_RANK" in os.environ and (device.index is None or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+
 def init_ranks(device: str) -> tuple[Ranks, torch.device]:
     """Join torchrun's process group when launched by it (WORLD_SIZE > 1): NCCL on CUDA, each rank on the GPU
-    of its LOCAL_RANK; gloo on CPUs. Returns the ranks and the device this process trains on."""
+    of its LOCAL_RANK; gloo on CPUs. Returns the ranks and the device this process trains on (resolve_device)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    name = device if device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    target = resolve_device(device)
     if world == 1:
-        return SINGLE, torch.device(name)
-    cuda = name.startswith("cuda")
-    target = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}") if cuda else torch.device("cpu")
+        return SINGLE, target
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+        torch.distributed.init_process_group("nccl" if target.type == "cuda" else "gloo")
     return Ranks(torch.distributed.get_rank(), torch.distributed.get_world_size()), target
 
 

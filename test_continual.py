@@ -365,6 +365,60 @@ def test_cuda_device_without_cuda(usage_error):
     assert "use --device cpu" in usage_error(CLArgs, ["--device", "cuda"])
 
 
+class FakeCuda:
+    """torch.cuda on a pretend machine with `count` GPUs: records what set_device is given, then stops the run
+    there (before anything touches a real GPU), refusing an unindexed device as torch 2.11 does."""
+
+    class Reached(Exception):
+        pass
+
+    def __init__(self, monkeypatch, count=2, current=0):
+        self.given = []
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+        monkeypatch.setattr(torch.cuda, "set_device", self.set_device)
+        for var in ("WORLD_SIZE", "LOCAL_RANK", "RANK"):
+            monkeypatch.delenv(var, raising=False)
+
+    def set_device(self, device):
+        self.given.append(device)
+        if isinstance(device, torch.device) and device.index is None:
+            raise ValueError(f"Expected a torch.device with a specified index or an integer, but got:{device}")
+        raise self.Reached
+
+
+@pytest.mark.parametrize("name,env,expected", [
+    ("auto", {}, "cuda:0"), ("cuda", {}, "cuda:0"), ("cuda:1", {}, "cuda:1"), ("cpu", {}, "cpu"),
+    ("auto", {"WORLD_SIZE": "1", "LOCAL_RANK": "0"}, "cuda:0"),  # torchrun --nproc_per_node 1
+    ("cuda:1", {"WORLD_SIZE": "1", "LOCAL_RANK": "0"}, "cuda:1"),  # one process: the index given stands
+    ("cuda", {"WORLD_SIZE": "2", "LOCAL_RANK": "1"}, "cuda:1"),  # several: each rank its LOCAL_RANK's GPU
+    ("cuda:0", {"WORLD_SIZE": "2", "LOCAL_RANK": "1"}, "cuda:1"),
+])
+def test_resolved_cuda_device_always_has_an_index(monkeypatch, name, env, expected):
+    FakeCuda(monkeypatch)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert continual.resolve_device(name) == torch.device(expected)
+
+
+def test_resolve_device_takes_the_current_cuda_device(monkeypatch):
+    FakeCuda(monkeypatch, current=1)
+    assert continual.resolve_device("cuda") == torch.device("cuda:1")
+
+
+@pytest.mark.parametrize("device,env", [("auto", {}), ("cuda", {}), ("cuda:1", {}),
+                                        ("cuda", {"WORLD_SIZE": "1", "LOCAL_RANK": "0", "RANK": "0"})])
+def test_a_run_reaches_set_device_with_an_index(tmp_path, monkeypatch, device, env):
+    """The path a user types, up to the first call that needs an index: auto and cuda used to reach it unindexed."""
+    cuda = FakeCuda(monkeypatch)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(FakeCuda.Reached):
+        run(tmp_path, "--device", device)
+    assert len(cuda.given) == 1 and cuda.given[0].type == "cuda" and cuda.given[0].index is not None
+
+
 @pytest.mark.parametrize("script", ["ham", "treelora", "trm"])
 def test_help_documents_every_flag_once(script):
     text = subprocess.run([sys.executable, f"{script}.py", "--help"], cwd=HERE, capture_output=True, text=True).stdout
