@@ -24,6 +24,7 @@ import dataclasses
 import datetime
 import io
 import json
+import math
 import multiprocessing
 import platform
 import statistics
@@ -84,6 +85,13 @@ PRESETS = {
     "tiny": dict(flags=["--dataset", "synthetic", "--backbone", "vit_nano", "--epochs", "1", "--batch-size", "32",
                         "--train-per-class", "4", "--rp-dim", "64"], tasks=(4,), method_flags={"trm": ["--merge-steps", "2"]}),
 }
+
+# the real regimes at the papers' resolution, for a GPU: the same images, budget and backbone at 224 px
+# (eager: a run here is 300 to 600 short steps, fewer than compiling the blocks would save; speed.md's levers table
+# gives the compile time as its first steps' seconds)
+for _name in ("pretrained", "domains"):
+    PRESETS[f"{_name}-224"] = {**PRESETS[_name], "flags": [*PRESETS[_name]["flags"], "--img-size", "224",
+                                                           "--compile", "off"]}
 
 SEQLORA = ("treelora", ["--lam", "0", "--grad-density", "1"])  # one LoRA trained on every task in turn
 LINEAR = ["--classifier", "linear"]  # the masked head as trained: the classifier's ablation
@@ -379,6 +387,9 @@ def summarise(label: str, tasks: int, runs: list[dict]) -> dict:
         "inference_images_per_second": (stat([r["inference_images_per_second"] for r in runs])
                                         if "inference_images_per_second" in runs[0] else None),
         "structure": structure_row(runs),
+        "merge_seconds_per_task": (stat([statistics.mean(t["merge_seconds"] for t in r["tasks"]) for r in runs])
+                                   if all("merge_seconds" in t for r in runs for t in r["tasks"]) and runs[0]["tasks"]
+                                   else None),  # TRM's merge, per task
     }
 
 
@@ -428,12 +439,15 @@ def markdown_table(rows: list[dict]) -> str:
         return f"{mean:.{digits}f} ± {std:.{digits}f}" if std else f"{mean:.{digits}f}"
 
     timed = rows[0]["inference_images_per_second"] is not None
-    lines = ["| method | tasks | A_last | A_avg | forgetting | BWT | train s | peak MiB | stored params |"
-             + (" inference img/s |" if timed else ""), "| --- " * (10 if timed else 9) + "|"]
+    merged = any(r.get("merge_seconds_per_task") for r in rows)  # TRM's merge, within train s
+    lines = ["| method | tasks | A_last | A_avg | forgetting | BWT | train s |" + (" merge s / task |" if merged else "")
+             + " peak MiB | stored params |" + (" inference img/s |" if timed else ""),
+             "| --- " * (9 + timed + merged) + "|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['tasks']} | {cell(r['A_last'])} | {cell(r['A_avg'])} | "
-                     f"{cell(r['forgetting'])} | {cell(r['BWT'])} | {cell(r['train_seconds'], 1)} | "
-                     f"{cell(r['peak_memory_MiB'], 0)} | {r['stored_params']:,} |"
+                     f"{cell(r['forgetting'])} | {cell(r['BWT'])} | {cell(r['train_seconds'], 1)} |"
+                     + (f" {cell(r.get('merge_seconds_per_task'), 2)} |" if merged else "")
+                     + f" {cell(r['peak_memory_MiB'], 0)} | {r['stored_params']:,} |"
                      + (f" {cell(r['inference_images_per_second'], 0)} |" if timed else ""))
     structured = [r for r in rows if r.get("structure")]
     if structured:  # --domains: does each mechanism find the known structure (percent)
@@ -523,8 +537,9 @@ def torchvision_twin(cfg: ViTConfig):
                                                 num_classes=NUM_CLASSES)
 
 
-def training_step_fn(model, params, x: torch.Tensor, y: torch.Tensor, amp: bool):
-    opt = torch.optim.Adam(params, lr=1e-4)
+def training_step_fn(model, params, x: torch.Tensor, y: torch.Tensor, amp: bool, fused: bool | None = None):
+    """One step as the loop takes it (bf16 autocast, cross-entropy, Adam); fused None: PyTorch's default Adam."""
+    opt = torch.optim.Adam(params, lr=1e-4, fused=fused)
 
     def step():
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
@@ -578,13 +593,15 @@ def speed(device: torch.device, backbone: str, batch: int, seconds: float = 2.0,
     y = torch.randint(0, NUM_CLASSES, (batch,), device=device)
     out = {"peak_flops": peak, "dtype": str(dtype), "backbone": backbone, "batch": batch}
 
-    ours = lora_vit(cfg, device)
-    step = training_step_fn(ours, [p for p in ours.parameters() if p.requires_grad], x, y, amp)
-    t = time_per_call(step, device, seconds)
+    ours = lora_vit(cfg, device)  # as a run trains it: --compile auto, the loop's Adam (continual.adam)
+    compiled = continual.compile_blocks_(ours, "auto", device)
+    step = training_step_fn(ours, [p for p in ours.parameters() if p.requires_grad], x, y, amp,
+                            fused=True if device.type == "cuda" else None)
+    t = time_per_call(step, device, seconds, warmup=3)
     # frozen backbone: the backward pass computes activation gradients (one forward's worth) but no weight
     # gradients except LoRA's and the head's, so a step is about 2 forwards; full fine-tuning is about 3.
     step_flops = 2 * batch * vit_forward_flops(cfg, rank=8, targets=1)
-    out["lora_step"] = {"images_per_second": batch / t, "mfu": step_flops / t / peak}
+    out["lora_step"] = {"images_per_second": batch / t, "mfu": step_flops / t / peak, "compiled_blocks": compiled}
 
     tv = torchvision_twin(cfg).to(device)
     t_full = time_per_call(training_step_fn(tv, list(tv.parameters()), x, y, amp), device, seconds)
@@ -604,6 +621,115 @@ def speed(device: torch.device, backbone: str, batch: int, seconds: float = 2.0,
     out["forward_images_per_second"] = fwd
     out["forward_ours_vs_torchvision"] = fwd["ours"] / fwd["torchvision"]
     out["ham_folded_inference_vs_backbone"] = fwd["ham_folded"] / fwd["ours"]
+    return out
+
+
+LEVERS = (  # label, --compile mode, fused Adam (None: PyTorch's default, foreach on CUDA)
+    ("eager, PyTorch's default Adam", "off", None),
+    ("eager, fused Adam", "off", True),
+    ("compiled blocks, fused Adam", "default", True),
+    ("compiled blocks with CUDA graphs (reduce-overhead), fused Adam", "reduce-overhead", True),
+)
+SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
+
+
+def levers(device: torch.device, backbone: str, batch: int, *, img_size: int = 0, seconds: float = 2.0,
+           amp: bool = True, modes=LEVERS, backends=SDPA_BACKENDS, peak: float | None = None) -> list[dict]:
+    """Our LoRA training step (rank 8 on qkv) under each lever, measured rather than assumed: compile modes and
+    Adam kernels (modes), then each attention kernel SDPA can be held to (backends; eager, fused Adam). A lever
+    that fails is a row with its error. warmup_seconds: the first three steps, compilation included."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    cfg = dataclasses.replace(VIT_PRESETS[backbone], img_size=img_size or VIT_PRESETS[backbone].img_size)
+    x = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device)
+    y = torch.randint(0, NUM_CLASSES, (batch,), device=device)
+    flops = 2 * batch * vit_forward_flops(cfg, rank=8, targets=1)
+    rows = []
+    runs = [(label, mode, fused, None) for label, mode, fused in modes]
+    runs += [(f"eager, fused Adam, attention {b.lower()}", "off", True, b) for b in backends]
+    for label, mode, fused, backend in runs:
+        row = {"lever": label, "compile": mode, "fused_adam": bool(fused), "sdpa": backend or "PyTorch's pick",
+               "backbone": backbone, "img_size": cfg.img_size, "batch": batch}
+        try:
+            model = lora_vit(cfg, device)
+            continual.compile_blocks_(model, mode, device)
+            step = training_step_fn(model, [p for p in model.parameters() if p.requires_grad], x, y, amp, fused)
+            with sdpa_kernel(getattr(SDPBackend, backend)) if backend else contextlib.nullcontext():
+                t0 = time.perf_counter()
+                for _ in range(3):
+                    step()
+                sync(device)
+                row["warmup_seconds"] = time.perf_counter() - t0
+                t = time_per_call(step, device, seconds, warmup=0)
+            row["images_per_second"] = batch / t
+            if peak:
+                row["mfu"] = flops / t / peak
+        except Exception as e:  # a kernel unavailable for these shapes, a compiler failure: reported, not fatal
+            row["error"] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+        rows.append(row)
+        print(f"  {label} ({backbone}, {cfg.img_size} px, batch {batch}): "
+              + (f"{row['images_per_second']:.0f} img/s" + (f", MFU {100 * row['mfu']:.1f}%" if "mfu" in row else "")
+                 if "error" not in row else row["error"]), flush=True)
+    return rows
+
+
+def synthetic_task(device: torch.device, img_size: int, batch: int, per_class: int, task: int = 0) -> TaskBatches:
+    """Task `task` of synthetic CIFAR-shaped data (10 classes of per_class images), served as the loop serves it."""
+    seed = 0
+    data = split_data(make_synthetic(seed, per_class, 1), order=class_order(1993), tasks=10, train_per_class=per_class,
+                      device=device)
+    gen, device_gen = continual.run_generators(seed, device)
+    return TaskBatches(data, task, batch_size=batch, img_size=img_size, normalize="imagenet", gen=gen,
+                       device_gen=device_gen)
+
+
+def loop_images_per_second(device: torch.device, backbone: str, img_size: int, batch: int, compile_mode: str,
+                           amp: bool = True, per_class: int = 64) -> dict:
+    """The loop itself (continual.train_task: augmentation, resize, the step, the loop's Adam) training SeqLoRA on
+    32 px images resized to img_size: images/s of its second epoch, the first having compiled what it needs."""
+    cfg = dataclasses.replace(VIT_PRESETS[backbone], img_size=img_size)
+    model = lora_vit(cfg, device)
+    method = treelora.TreeLoRA(model, lam=0.0, lcb_c=0.0, grad_density=1.0, arm="tree")  # SeqLoRA
+    mode = continual.compile_blocks_(model, compile_mode, device)
+    batches = synthetic_task(device, img_size, batch, per_class)
+    clock = {"start": time.perf_counter(), "epochs_done": 0, "epochs_total": 2}
+    seconds = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        continual.train_task(model, method, batches, epochs=1, lr=1e-4, head_lr=1e-2, task=0, tasks=1, clock=clock,
+                             log=lambda line: None, amp=amp)
+        sync(device)
+        seconds.append(time.perf_counter() - t0)
+    return {"backbone": backbone, "img_size": img_size, "batch": batch, "compile": mode,
+            "images_per_second": len(batches.indices) / seconds[1], "first_epoch_seconds": seconds[0]}
+
+
+def merge_against_training(device: torch.device, backbone: str, batch: int, *, img_size: int = 0, snapshots: int = 20,
+                           compile_mode: str = "auto", amp: bool = True, per_class: int = 0) -> dict:
+    """TRM's merge step against a training step on batches of the same size and model: task 1 trains one epoch
+    (twice: the second is timed) and merges (its functional graphs compile), task 2 trains and is timed merging
+    one pass over its batches, with `snapshots` snapshots as 20 epochs leave."""
+    cfg = dataclasses.replace(VIT_PRESETS[backbone], img_size=img_size or VIT_PRESETS[backbone].img_size)
+    model = lora_vit(cfg, device)
+    mode = continual.compile_blocks_(model, compile_mode, device)
+    per_class = per_class or 2 * batch // 10 + 1  # 2 batches a task and a partial third
+    out = {"backbone": backbone, "img_size": cfg.img_size, "batch": batch, "compile": mode, "snapshots": snapshots}
+    for task in (0, 1):
+        batches = synthetic_task(device, cfg.img_size, batch, per_class, task=task)
+        method = trm.TRM(model, snapshot_at=range(snapshots), merge_steps=len(batches), merge_lr=0.05, lam_pc=1.0,
+                         lam_gr=1.0, rho=0.5, mu=0.1, temperature=2.0) if task == 0 else method
+        method.merge_steps = len(batches)
+        clock = {"start": time.perf_counter(), "epochs_done": 0, "epochs_total": 2}
+        for timed in (False, True):
+            t0 = time.perf_counter()
+            continual.train_task(model, method, batches, epochs=1, lr=1e-4, head_lr=1e-2, task=task, tasks=2,
+                                 clock=clock, log=lambda line: None, amp=amp)
+            sync(device)
+            train_step = (time.perf_counter() - t0) / len(batches)
+        for epoch in range(1, snapshots):
+            method.end_epoch(epoch)  # the snapshots 20 epochs leave (alike here: the cost is what is measured)
+        info = method.end_task(task, batches, lambda line: None)
+    out.update(train_step_seconds=train_step, merge_step_seconds=info["merge_step_seconds"],
+               merge_steps=info["merge_steps"], merge_step_vs_train_step=info["merge_step_seconds"] / train_step)
     return out
 
 
@@ -658,45 +784,239 @@ def search_seconds_per_step(tasks: int, *, layers: int, rank: int, dim: int, ste
     return (time.perf_counter() - t0) / steps, search.tree.height
 
 
-def gpu_check(device: torch.device, out: Path) -> list[str]:
-    """The CUDA path end to end: start-up on an explicit device index, two tasks of a real run with every host
-    sync inside a training step reported, a kill after task 1 and --resume, then the speed table's inputs."""
+def check_flags(data_root: Path) -> tuple[list[str], str]:
+    """The GPU check's flags for two short tasks, and what they run on: the README's defaults (CIFAR-100 and
+    torchvision's ViT-B/16 weights) where CIFAR-100 is at hand, else synthetic data on a random ViT-B/16."""
+    short = ["--tasks", "2", "--epochs", "1", "--batch-size", "64", "--test-per-class", "4"]
+    if (data_root / "cifar-100-python").is_dir():
+        return [*short, "--data-root", str(data_root), "--train-per-class", "16"], \
+            "CIFAR-100 and ViT-B/16 with --weights auto, as the README's commands"
+    return [*short, "--dataset", "synthetic", "--backbone", "vit_b_16", "--weights", "random",
+            "--train-per-class", "64"], "synthetic data and a random ViT-B/16 (no CIFAR-100 in ./data)"
+
+
+def gpu_check(out: Path, flags: list[str], device: list[str] = ()) -> tuple[list[str], bool]:
+    """The commands the README gives, as typed (no --device: the default), each for two short tasks, every run
+    with every host sync inside a training step recorded by call site (continual.SYNC_CHECK): the three
+    scripts, a baseline, a single-process torchrun, and a run killed after its first task then resumed, against
+    the uninterrupted run. Returns the report's lines and whether everything passed."""
     import os
     import subprocess
-    import warnings
 
-    lines = []
-    flags = ["--dataset", "synthetic", "--backbone", "vit_b_16", "--weights", "random", "--tasks", "2", "--epochs",
-             "2", "--batch-size", "64", "--train-per-class", "64", "--test-per-class", "8", "--device", str(device)]
-    os.environ[continual.SYNC_CHECK] = "1"
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        t0 = time.perf_counter()
-        with contextlib.redirect_stdout(io.StringIO()):
-            for script in (ham, treelora, trm):
-                script.main([*flags, "--out", str(out / f"gpu_check_{script.__name__}")])
-        seconds = time.perf_counter() - t0
-    os.environ.pop(continual.SYNC_CHECK)
-    syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message).lower()]
-    lines.append(f"start-up on --device {device} and two tasks of HAM, TreeLoRA and TRM (ViT-B/16, random init, "
-                 f"batch 64): {seconds:.1f} s; host syncs inside training steps: {len(syncs)}"
-                 + (f" (first: {syncs[0]})" if syncs else ""))
-    # a kill after task 1, then --resume, against the uninterrupted run
-    ref, killed = out / "gpu_check_ham", out / "gpu_check_killed"
-    argv = [sys.executable, "ham.py", *flags, "--out", str(killed)]
-    child = subprocess.Popen(argv, cwd=Path(__file__).parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while child.poll() is None and not (killed / "results.json").exists():
-        time.sleep(0.2)
+    here = Path(__file__).parent
+    env = {**os.environ, continual.SYNC_CHECK: "1", "PYTHONUNBUFFERED": "1"}
+    runs = {  # name -> the command line, as a user types it
+        "ham.py": [sys.executable, "ham.py"],
+        "treelora.py": [sys.executable, "treelora.py"],
+        "trm.py": [sys.executable, "trm.py"],
+        "baselines.py --baseline first-session": [sys.executable, "baselines.py", "--baseline", "first-session"],
+        "torchrun --standalone --nproc_per_node 1 ham.py": [sys.executable, "-m", "torch.distributed.run",
+                                                            "--standalone", "--nproc_per_node", "1", "ham.py"],
+    }
+    folder = {name: out / f"check_{i}" for i, name in enumerate([*runs, "killed"])}
+    for f in folder.values():
+        if f.exists():
+            import shutil
+            shutil.rmtree(f)
+    t0 = time.perf_counter()
+    children = {name: subprocess.Popen([*argv, *flags, *device, "--out", str(folder[name])], cwd=here, env=env,
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                for name, argv in runs.items()}
+    # the kill: ham.py again, stopped once its first task's results are written, then resumed
+    killed = [sys.executable, "ham.py", *flags, *device, "--out", str(folder["killed"])]
+    child = subprocess.Popen(killed, cwd=here, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while child.poll() is None and not (folder["killed"] / "results.json").exists():
+        time.sleep(0.1)
     child.kill()
     child.wait()
-    subprocess.run([*argv, "--resume"], cwd=Path(__file__).parent, check=False, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL, timeout=600)
-    a = json.loads((ref / "results.json").read_text())["accuracy_matrix"][:2]
-    b = json.loads((killed / "results.json").read_text())["accuracy_matrix"][:2]
-    diff = max(abs((x or 0) - (y or 0)) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
-    lines.append(f"killed after task 1 and resumed: first two rows of the accuracy matrix differ by at most "
-                 f"{diff:.2f} points from the uninterrupted run")
-    return lines
+    resumed = subprocess.run([*killed, "--resume"], cwd=here, env=env, capture_output=True, text=True)
+    lines, ok = [], True
+    for name, c in children.items():
+        output = c.communicate()[0]
+        results = folder[name] / "results.json"
+        if c.returncode != 0 or not results.exists():
+            ok = False
+            lines.append(f"`{name}`: FAILED (exit {c.returncode}): {output.strip().splitlines()[-1:] or ''}")
+            continue
+        r = json.loads(results.read_text())
+        syncs = r.get("host_syncs_in_steps", {})
+        ok &= not syncs and r["finished"]
+        log = (folder[name] / "log.txt").read_text()
+        device_used = next((l.split("device ")[-1] for l in log.splitlines() if ", device " in l), "?")
+        lines.append(f"`{name}`: ran on {device_used}, compiled blocks {r.get('compiled_blocks')}, A_last "
+                     f"{r['metrics']['A_last']:.2f}; host syncs inside training steps: {sum(syncs.values())}"
+                     + "".join(f"\n    - {n} at {site}" for site, n in syncs.items()))
+    ref = folder["ham.py"] / "results.json"
+    if resumed.returncode != 0 or not ref.exists():
+        ok = False
+        lines.append(f"killed after task 1 and resumed: FAILED (exit {resumed.returncode}): "
+                     f"{resumed.stdout.strip().splitlines()[-1:] or resumed.stderr.strip().splitlines()[-1:]}")
+    else:
+        a = json.loads(ref.read_text())["accuracy_matrix"]
+        b = json.loads((folder["killed"] / "results.json").read_text())["accuracy_matrix"]
+        diff = max(abs((x or 0) - (y or 0)) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+        lines.append(f"`ham.py` killed after task 1 and resumed: the accuracy matrix differs by at most {diff:.2f} "
+                     "points from the uninterrupted run")
+    lines.insert(0, f"{len(runs) + 1} runs at once, {time.perf_counter() - t0:.0f} s in all")
+    return lines, ok
+
+
+def say(text: str, md: list[str]) -> None:
+    print(text, flush=True)
+    md.append(text)
+
+
+def lever_table(rows: list[dict]) -> str:
+    lines = ["| lever | backbone, px, batch | img/s | MFU | first 3 steps s |", "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+        where = f"{r['backbone']}, {r['img_size']}, {r['batch']}"
+        if "error" in r:
+            lines.append(f"| {r['lever']} | {where} | {r['error']} | | |")
+        else:
+            mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "–"
+            lines.append(f"| {r['lever']} | {where} | {r['images_per_second']:.0f} | {mfu} | {r['warmup_seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def speed_report(device: torch.device, stamp: str, out: Path) -> dict:
+    """--speed: the speed table, and on CUDA each lever measured, the loop at a small batch, TRM's merge step
+    against a training step; the growth with tasks. Printed as it goes and saved as speed.md under out."""
+    md: list[str] = []
+    report: dict = {}
+    cuda = device.type == "cuda"
+    backbone, batch = ("vit_b_16", 256) if cuda else ("vit_small_cifar", 64)
+    both = device.type == "cpu" and continual.cpu_has_bf16()  # --precision auto picks bf16 here: time both
+    speeds = [speed(device, backbone, batch, amp=amp) for amp in ((False, True) if both else (None,))]
+    report["speed"] = speeds[-1]
+    if both:
+        report["speed_fp32"] = speeds[0]
+    for s in speeds:
+        say(f"\nSpeed, {stamp}: {backbone}, batch {batch}, {s['dtype']}, as a run trains (--compile auto: "
+            f"{s['lora_step']['compiled_blocks']}; {'fused' if cuda else 'default'} Adam)", md)
+        say(f"| measure | value |\n| --- | --- |\n"
+            f"| peak matmul ({s['dtype']}) | {s['peak_flops'] / 1e12:.3f} TFLOP/s |\n"
+            f"| our LoRA training step | {s['lora_step']['images_per_second']:.1f} img/s, MFU {100 * s['lora_step']['mfu']:.1f}% |\n"
+            f"| torchvision full fine-tuning step | {s['torchvision_full_step']['images_per_second']:.1f} img/s, MFU {100 * s['torchvision_full_step']['mfu']:.1f}% |\n"
+            f"| LoRA step speed / torchvision full step | {s['lora_step_vs_torchvision_full_step']:.2f}× |\n"
+            f"| forward: ours / torchvision | {s['forward_ours_vs_torchvision']:.3f} ({s['forward_images_per_second']['ours']:.1f} vs {s['forward_images_per_second']['torchvision']:.1f} img/s) |\n"
+            f"| HAM folded inference / plain backbone | {s['ham_folded_inference_vs_backbone']:.3f} |", md)
+    if cuda:  # each lever measured: what --compile auto and the loop's Adam pick is what measured faster here
+        peak = speeds[-1]["peak_flops"]
+        say("\nLevers, one at a time (MFU: 2 forwards' FLOPs per image against the bf16 matmul peak):", md)
+        rows = levers(device, "vit_b_16", 256, peak=peak, seconds=1.0, modes=LEVERS[:3])  # CUDA graphs: small batches
+        rows += levers(device, "vit_s_14", 32, img_size=224, peak=peak, seconds=1.0, backends=())
+        report["levers"] = rows
+        say(lever_table(rows), md)
+        loop = [loop_images_per_second(device, "vit_s_14", 224, 32, mode) for mode in ("off", "auto")]
+        report["loop"] = loop
+        say("\nThe loop itself (continual.train_task: augmentation, resize from 32 px, step; SeqLoRA), ViT-S/14 at "
+            "224 px, batch 32, second epoch:\n| --compile | img/s | first epoch s |\n| --- | --- | --- |\n"
+            + "\n".join(f"| {r['compile']} | {r['images_per_second']:.0f} | {r['first_epoch_seconds']:.1f} |"
+                         for r in loop), md)
+        merge = merge_against_training(device, "vit_b_16", 192, snapshots=20, compile_mode="off")  # both eager
+        report["trm_merge"] = merge
+        steps_per_epoch = math.ceil(5000 / 192)  # the scripts' defaults: CIFAR-100 in 10 tasks, batch 192, 20 epochs
+        share = 20 * merge["merge_step_seconds"] / (20 * steps_per_epoch * merge["train_step_seconds"])
+        merge["share_at_defaults"] = share
+        say(f"\nTRM's merge (ViT-B/16, batch 192, 20 snapshots, eager): a merge step "
+            f"{1e3 * merge['merge_step_seconds']:.1f} ms against a training step {1e3 * merge['train_step_seconds']:.1f} "
+            f"ms ({merge['merge_step_vs_train_step']:.2f}×); at the scripts' defaults (20 merge steps; 20 epochs of "
+            f"{steps_per_epoch} steps, CIFAR-100 in 10 tasks) the merge is {100 * share:.1f}% of a task's training "
+            "(computed from these two step times)", md)
+    rows = growth(device, backbone, task_counts=(5, 20, 50))
+    report["growth"] = rows
+    say(f"\nGrowth with the number of tasks ({backbone} qkv LoRA r=8; HAM with 5 groups)\n"
+        "| tasks | HAM stored | HAM merge s (last task) | TreeLoRA search ms/step | TreeLoRA stored | TRM stored |\n"
+        "| --- | --- | --- | --- | --- | --- |", md)
+    for r in rows:
+        say(f"| {r['tasks']} | {mib(r['ham_stored_bytes'])} | {r['ham_last_merge_seconds']:.4f} | "
+            f"{r['treelora_search_ms_per_step']:.3f} | {mib(r['treelora_stored_bytes'])} | {mib(r['trm_stored_bytes'])} |", md)
+    if not cuda:
+        say("\nNo GPU is available here: the ViT-B/16 bf16 GPU figures (images/s, MFU) were not measured.", md)
+    (out / "speed.md").write_text("\n".join(md).strip() + "\n")
+    return report
+
+
+def run_digest(results: Path) -> dict:
+    """One run of --gpu-all's work folder in a few numbers: finished or not, A_last of each head, its seconds,
+    TRM's merge, the log's training speed (the last epoch line's img/s, shared GPU)."""
+    r = json.loads(results.read_text())
+    log = (results.parent / "log.txt").read_text() if (results.parent / "log.txt").exists() else ""
+    speeds = [float(l.split(" img/s")[0].split()[-1]) for l in log.splitlines() if " img/s" in l]
+    merges = [t["merge_seconds"] for t in r["tasks"] if "merge_seconds" in t]
+    return {"run": str(results.parent), "finished": r["finished"], "tasks_done": len(r["accuracy_matrix"]),
+            "A_last": r["metrics"].get("A_last"), "forgetting": r["metrics"].get("forgetting"),
+            "heads": {k: h["metrics"].get("A_last") for k, h in r.get("heads", {}).items()},
+            "train_seconds": r["train_seconds"], "wall_seconds": r["wall_seconds"],
+            "compiled_blocks": r.get("compiled_blocks"), "last_epoch_images_per_second": speeds[-1] if speeds else None,
+            "merge_seconds_per_task": statistics.mean(merges) if merges else None,
+            "peak_cuda_reserved_MiB": r.get("peak_cuda_reserved_bytes", 0) / 2**20}
+
+
+def gpu_all(device: torch.device, out: Path, work: Path, stamp: str, explicit_device: str | None,
+            budget: float) -> int:
+    """--gpu-all: the speed report alone on the GPU; then the GPU check; then the methods set at 224 px on both
+    real regimes at once (8 runs each, one seed), every child stopped at the budget. Writes gpu_all.md,
+    gpu_all.json and gpu_all_log.txt in out; returns the exit code (1 if the check failed or a run did)."""
+    import os
+    import signal
+    import subprocess
+    t0 = time.perf_counter()
+    work.mkdir(parents=True, exist_ok=True)
+    md: list[str] = [f"# Every GPU figure in one go\n\n{stamp}\n"]
+    report: dict = {"stamp": stamp}
+    logfile = (out / "gpu_all_log.txt").open("w")
+
+    def save() -> None:
+        (out / "gpu_all.md").write_text("\n".join(md).strip() + "\n")
+        (out / "gpu_all.json").write_text(json.dumps(report, indent=1, default=str))
+
+    def child(argv: list[str]) -> subprocess.Popen:
+        logfile.write(f"$ {' '.join(argv)}\n")
+        logfile.flush()
+        return subprocess.Popen([sys.executable, "bench.py", *argv], cwd=Path(__file__).parent, stdout=logfile,
+                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                start_new_session=True)  # a process group: its runs stop with it
+
+    def wait(children: list[subprocess.Popen]) -> list[int]:
+        for c in children:
+            try:
+                c.wait(timeout=max(1.0, budget - (time.perf_counter() - t0)))
+            except subprocess.TimeoutExpired:
+                os.killpg(c.pid, signal.SIGKILL)  # the bench and the runs it started
+                c.wait()
+                logfile.write(f"(stopped at the budget of {budget:.0f} s)\n")
+        return [c.returncode for c in children]
+
+    try:
+        md.append("## Speed\n")
+        report["speed"] = speed_report(device, stamp, work)
+        md.append((work / "speed.md").read_text())
+        save()
+        md.append(f"\n## The GPU check ({time.perf_counter() - t0:.0f} s in)\n")
+        dev = ["--device", explicit_device] if explicit_device else []
+        code = wait([child(["--gpu-check", "--out", str(work / "check"), *dev])])[0]
+        check = work / "check" / "gpu_check.md"
+        md.append(check.read_text() if check.exists() else f"the check stopped (exit {code}) before its report")
+        report["gpu_check_exit"] = code
+        save()
+        md.append(f"\n## The methods set at 224 px, one seed, both regimes at once ({time.perf_counter() - t0:.0f} s in)\n")
+        regimes = ("pretrained-224", "domains-224")
+        codes = wait([child(["--preset", p, "--set", "methods", "--seeds", "1", "--jobs", "8", "--out",
+                             str(work / p), *dev]) for p in regimes])
+        for p, c in zip(regimes, codes):
+            table = work / p / f"methods_{p}.md"
+            md.append(f"### {p} (exit {c})\n\n" + (table.read_text() if table.exists() else
+                                                     "no table: a run failed or the budget ran out; the runs' "
+                                                     "digests are in gpu_all.json") + "\n")
+        report["methods_exit"] = dict(zip(regimes, codes))
+        report["runs"] = [run_digest(r) for r in sorted(work.glob("*-224/**/results.json"))]
+        md.append(f"\n{time.perf_counter() - t0:.0f} s in all.")
+        save()
+        return int(code != 0 or any(codes))
+    finally:
+        logfile.close()
+        save()
 
 
 def machine(device: torch.device) -> str:
@@ -734,9 +1054,20 @@ def main() -> None:
     parser.add_argument("--speed", action="store_true", help="speed against the machine's limit")
     parser.add_argument("--search", action="store_true", help="TreeLoRA's search time per step only")
     parser.add_argument("--gpu-check", action="store_true",
-                        help="the CUDA path: start-up, host syncs inside steps, kill and resume, then --speed")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cpu, cuda or cuda:N")
+                        help="the README's commands as typed, on the default device and under a one-process "
+                             "torchrun, two short tasks each, a kill and --resume; exits 1 on any failure or any "
+                             "host sync inside a training step, which it prints with its call site")
+    parser.add_argument("--gpu-all", action="store_true",
+                        help="every GPU figure in one go: --speed alone on the GPU, then --gpu-check, then the "
+                             "methods set at 224 px on the 5-task and the 20-task domain regimes side by side (one "
+                             "seed); at most 3 files in --out (gpu_all.md, gpu_all.json, gpu_all_log.txt), the runs "
+                             "in --work")
+    parser.add_argument("--work", default="bench_results/gpu_all_work", help="--gpu-all: folder for the raw runs")
+    parser.add_argument("--budget", type=float, default=470.0,
+                        help="--gpu-all: seconds after which unfinished runs are stopped and reported as such")
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA when available), cpu, cuda or cuda:N; --gpu-check passes it on only when "
+                             "given")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
                         help="--precision for every run of --preset (default: the scripts' own, auto); runs in other "
                              "precisions go to their own folders")
@@ -752,40 +1083,52 @@ def main() -> None:
     if args.preset and args.precision:
         PRESETS[args.preset] = {**PRESETS[args.preset], "flags": [*PRESETS[args.preset]["flags"], "--precision",
                                                                   args.precision]}
-    if not (args.preset or args.speed or args.search or args.gpu_check):
-        parser.error("choose --preset, --speed, --search or --gpu-check.")
-    if args.gpu_check and not args.device.startswith("cuda"):
-        parser.error("--gpu-check needs a CUDA device (--device cuda:N); none is available here.")
-    args.speed = args.speed or args.gpu_check
+    if not (args.preset or args.speed or args.search or args.gpu_check or args.gpu_all):
+        parser.error("choose --preset, --speed, --search, --gpu-check or --gpu-all.")
+    cuda_asked = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+    if (args.gpu_check or args.gpu_all) and not cuda_asked:
+        parser.error(f"--gpu-check and --gpu-all need a CUDA device (--device {args.device}: none here).")
     if args.seeds < 1 or args.jobs < 1:
         parser.error("--seeds and --jobs must be at least 1.")
     try:
         args.variants = split_variants(args.variants or "", SETS[args.set])
     except ValueError as e:
         parser.error(f"--variants: {e} is not a variant of --set {args.set}; choose from {' | '.join(SETS[args.set])}.")
-    if args.preset not in ("custom", "domains") and any(t < 2 or 100 % t for t in args.tasks or ()):
+    if args.preset not in ("custom", "domains", "domains-224") and any(t < 2 or 100 % t for t in args.tasks or ()):
         parser.error("--tasks takes task counts that divide 100 into at least 2 tasks.")
+    explicit_device = None if args.device == "auto" else args.device
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     problem = continual.device_problem(args.device)
     if problem:
         parser.error(problem)
-    device = torch.device(args.device)
+    device = continual.resolve_device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = (f"`python {' '.join(sys.argv)}` on {machine(device)}, torch {torch.__version__}, "
              f"{datetime.date.today().isoformat()}")
     report = {"command": " ".join(sys.argv), "machine": machine(device), "date": datetime.date.today().isoformat()}
 
+    if args.gpu_all:
+        sys.exit(gpu_all(device, out, Path(args.work), stamp, explicit_device, args.budget))
+
     if args.gpu_check:
-        report["gpu_check"] = gpu_check(device, out)
-        print(f"GPU check, {stamp}:\n" + "\n".join(f"- {line}" for line in report["gpu_check"]), flush=True)
+        flags, what = check_flags(Path("data"))
+        lines, ok = gpu_check(out, flags, ["--device", explicit_device] if explicit_device else [])
+        report["gpu_check"] = {"lines": lines, "passed": ok, "data": what}
+        print(f"GPU check ({what}), {stamp}:\n" + "\n".join(f"- {line}" for line in lines)
+              + f"\n{'passed' if ok else 'FAILED'}", flush=True)
+        (out / "gpu_check.md").write_text(f"GPU check ({what}), {stamp}\n\n" + "\n".join(f"- {l}" for l in lines)
+                                          + f"\n\n{'passed' if ok else 'FAILED'}\n")
+        if not ok:
+            (out / "bench.json").write_text(json.dumps(report, indent=1))
+            sys.exit(1)
 
     if args.preset:
         name = f"{args.set}_{args.preset}"
         print(f"{args.set}, preset {args.preset}: {' '.join(PRESETS[args.preset]['flags'])}", flush=True)
         t0 = time.perf_counter()
-        timing = 2.0 if args.set == "methods" and args.preset != "tiny" else 0.05 if args.set == "methods" else 0.0
+        timing = (0.05 if args.preset == "tiny" or args.preset.endswith("-224") else 2.0) if args.set == "methods" else 0.0
         runs = out / (f"runs_{args.preset}" + (f"_{args.precision}" if args.precision else ""))
         result = compare(args.preset, args.set, args.seeds, runs, args.device, args.jobs,
                          timing, tuple(args.tasks or ()), tuple(args.variants))
@@ -803,30 +1146,7 @@ def main() -> None:
             print(f"| {tasks} | {height} | {1e3 * seconds:.3f} |")
 
     if args.speed:
-        backbone, batch = ("vit_b_16", 256) if device.type == "cuda" else ("vit_small_cifar", 64)
-        both = device.type == "cpu" and continual.cpu_has_bf16()  # --precision auto picks bf16 here: time both
-        speeds = [speed(device, backbone, batch, amp=amp) for amp in ((False, True) if both else (None,))]
-        rows = growth(device, backbone)
-        report["speed"], report["growth"] = speeds[-1], rows
-        if both:
-            report["speed_fp32"] = speeds[0]
-        for s in speeds:
-            print(f"\nSpeed, {stamp}: {backbone}, batch {batch}, {s['dtype']}")
-            print(f"| measure | value |\n| --- | --- |\n"
-                  f"| peak matmul ({s['dtype']}) | {s['peak_flops'] / 1e12:.3f} TFLOP/s |\n"
-                  f"| our LoRA training step | {s['lora_step']['images_per_second']:.1f} img/s, MFU {100 * s['lora_step']['mfu']:.1f}% |\n"
-                  f"| torchvision full fine-tuning step | {s['torchvision_full_step']['images_per_second']:.1f} img/s, MFU {100 * s['torchvision_full_step']['mfu']:.1f}% |\n"
-                  f"| LoRA step speed / torchvision full step | {s['lora_step_vs_torchvision_full_step']:.2f}× |\n"
-                  f"| forward: ours / torchvision | {s['forward_ours_vs_torchvision']:.3f} ({s['forward_images_per_second']['ours']:.1f} vs {s['forward_images_per_second']['torchvision']:.1f} img/s) |\n"
-                  f"| HAM folded inference / plain backbone | {s['ham_folded_inference_vs_backbone']:.3f} |")
-        print(f"\nGrowth with the number of tasks ({backbone} qkv LoRA r=8; HAM with 5 groups)")
-        print("| tasks | HAM stored | HAM merge s (last task) | TreeLoRA search ms/step | TreeLoRA stored | TRM stored |\n"
-              "| --- | --- | --- | --- | --- | --- |")
-        for r in rows:
-            print(f"| {r['tasks']} | {mib(r['ham_stored_bytes'])} | {r['ham_last_merge_seconds']:.4f} | "
-                  f"{r['treelora_search_ms_per_step']:.3f} | {mib(r['treelora_stored_bytes'])} | {mib(r['trm_stored_bytes'])} |")
-        if device.type != "cuda":
-            print("\nNo GPU is available here: the ViT-B/16 bf16 GPU figures (images/s, MFU) were not measured.")
+        report.update(speed_report(device, stamp, out))
 
     (out / "bench.json").write_text(json.dumps(report, indent=1))
 

@@ -12,6 +12,7 @@ The protocol (class-incremental): T tasks of disjoint classes in the order Rando
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -19,6 +20,8 @@ import os
 import resource
 import sys
 import time
+import traceback
+import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -60,6 +63,9 @@ SEED_MAX = 2**32 - 1  # numpy's RandomState takes seeds below 2**32
 
 def arg(default, help: str, **extra):
     return field(default=default, metadata={"help": help, **extra})
+
+
+COMPILE_MODES = ("auto", "off", "default", "reduce-overhead")  # --compile
 
 
 @dataclass
@@ -116,6 +122,9 @@ class CLArgs:
                                  "comma-separated list of KIND or KIND/DRIFT, KIND one of linear, align, ncm, ridge "
                                  "(--rp-dim) or ridge0 (M = 0), e.g. ridge,align/oracle,ridge0/linear")
     device: str = arg("auto", "auto (CUDA when available), cpu, cuda or cuda:N")
+    compile: str = arg("auto", "torch.compile the ViT's blocks: default (inductor), reduce-overhead (inductor with "
+                               "CUDA graphs) or off; auto: default on CUDA, off on the CPU (docs/results.md, the GPU "
+                               "section, measures each)", choices=COMPILE_MODES)
     precision: str = arg("auto", "the backbone's precision: bf16 autocast (heads, statistics and merges stay float32) "
                                  "or fp32; auto: bf16 on CUDA and on CPUs with bf16 instructions (avx512_bf16, "
                                  "amx_bf16), else fp32", choices=("auto", "fp32", "bf16"))
@@ -486,12 +495,16 @@ class TaskBatches:
         self.batch_size, self.img_size, self.normalize = batch_size, img_size, normalize
         self.gen, self.device_gen, self.ranks = gen, device_gen, ranks
         self.shard_weight = 1.0  # this rank's share of the batch just served: weigh its mean loss by it
+        normalization_tensors(normalize, data.train_x.device)  # made now, not inside the first training step
 
     def __len__(self) -> int:
         return math.ceil(len(self.indices) / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        idx = self.indices[torch.randperm(len(self.indices), generator=self.gen).to(self.indices.device)]
+        order = torch.randperm(len(self.indices), generator=self.gen)  # on the host: the seeded order is the same
+        if self.indices.is_cuda:  # on every device; pinned, its copy to the GPU does not block the host
+            order = order.pin_memory().to(self.indices.device, non_blocking=True)
+        idx = self.indices[order.to(self.indices.device)]
         for s in range(0, len(idx), self.batch_size):
             b = idx[s:s + self.batch_size]
             x = augment(self.data.train_x[b], self.device_gen)  # the global batch: the generator moves as in 1 rank
@@ -766,7 +779,64 @@ class Method:
 # The training loop
 
 
-SYNC_CHECK = "CL_SYNC_CHECK"  # set to 1 (bench.py --gpu-check): CUDA warns at each host sync inside a step
+SYNC_CHECK = "CL_SYNC_CHECK"  # set to 1 (bench.py --gpu-check): every host sync inside a step is recorded
+HERE = Path(__file__).resolve().parent
+
+
+@contextlib.contextmanager
+def host_syncs_recorded(sites: dict[str, int], enabled: bool):
+    """Inside: count every host sync the CUDA work makes, by call site ("treelora.py:262 sparsify_gradients_ <-
+    continual.py:841 train_task"): torch's sync debug mode warns at each one, synchronously, so the Python stack
+    at the warning, cut to this project's files, is where it was asked for. A no-op when not enabled."""
+    if not enabled:
+        yield
+        return
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message).lower():
+            return shown(message, category, filename, lineno, file, line)
+        frames = [f for f in traceback.extract_stack()[:-1] if Path(f.filename).resolve().parent == HERE]
+        site = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames[-3:]))
+        sites[site or f"{filename}:{lineno}"] = sites.get(site or f"{filename}:{lineno}", 0) + 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        shown, warnings.showwarning = warnings.showwarning, record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+def adam(groups: list[dict], lr: float, device: torch.device) -> torch.optim.Adam:
+    """The loop's Adam: fused (one kernel for every trained tensor) on CUDA, where a LoRA step's optimiser is a
+    few hundred small tensors and launches, not arithmetic, cost time; PyTorch's default on the CPU."""
+    return torch.optim.Adam(groups, lr=lr, fused=True if device.type == "cuda" else None)
+
+
+
+def compile_blocks_(model: ViT, mode: str, device: torch.device, backend: str = "inductor") -> str:
+    """--compile: torch.compile every transformer block in place, and return the mode used ('off': none).
+
+    auto is default (inductor) on CUDA and off on the CPU, where a short run would spend more time compiling
+    than it saves. The blocks share one forward, so one graph serves all of them (parameters are the graph's
+    inputs); the methods' hooks stay outside it (penalties, gradient edits, merges) or are attributes of the
+    LoRA layers that the compiled code guards on (HAM's importance and unit-norm B, TRM's functional_call), so
+    each such change recompiles once rather than going unseen. A part the compiler cannot take runs eagerly.
+    """
+    mode = ("default" if device.type == "cuda" else "off") if mode == "auto" else mode
+    if mode == "off":
+        return mode
+    import torch._dynamo
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # shapes x train/eval x the methods' attributes
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), 64))
+    config.suppress_errors = True  # fall back to eager for what cannot be compiled, never stop the run
+    for block in model.blocks:
+        block.compile(backend=backend, mode=None if mode == "default" or backend != "inductor" else mode, dynamic=True)
+    return mode
 
 
 def train_task(model: ViT, method: Method, batches: TaskBatches, *, epochs: int, lr: float, head_lr: float, task: int,
@@ -785,9 +855,10 @@ def train_task(model: ViT, method: Method, batches: TaskBatches, *, epochs: int,
     head = {id(p) for p in model.head.parameters()}
     groups = [{"params": g["params"], "lr": lr * g.get("lr_scale", 1.0)} if isinstance(g, dict)
               else {"params": [g], "lr": head_lr if id(g) in head else lr} for g in params]
-    opt = torch.optim.Adam(groups, lr=lr)
     device = batches.data.train_x.device
+    opt = adam(groups, lr, device)
     sync_check = device.type == "cuda" and os.environ.get(SYNC_CHECK) == "1"
+    syncs = clock.setdefault("host_syncs", {})  # call site -> count, for results.json
     model.train()
     for epoch in range(epochs):
         t0 = time.perf_counter()
@@ -795,25 +866,22 @@ def train_task(model: ViT, method: Method, batches: TaskBatches, *, epochs: int,
         hits = torch.zeros((), dtype=torch.int64, device=device)
         first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # first non-finite step
         seen = 0
-        if sync_check:  # bench.py --gpu-check: torch warns at every host sync inside the steps
-            torch.cuda.set_sync_debug_mode("warn")
-        for step, (x, y) in enumerate(batches):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = task_logits(model, x, batches.classes)  # (B, c)
-            loss = F.cross_entropy(logits, y)
-            penalty = method.penalty(loss)
-            opt.zero_grad(set_to_none=True)
-            total = loss if penalty is None else loss + penalty
-            (total if ranks.world == 1 else total * batches.shard_weight).backward()
-            ranks.sum_gradients_(trained)  # every rank now holds the whole batch's gradient
-            method.after_backward()
-            opt.step()
-            loss_sum += loss.detach() * len(y)
-            hits += (logits.argmax(1) == y).sum()
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
-            seen += len(y)
-        if sync_check:
-            torch.cuda.set_sync_debug_mode("default")
+        with host_syncs_recorded(syncs, sync_check):  # bench.py --gpu-check: every host sync inside the steps
+            for step, (x, y) in enumerate(batches):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    logits = task_logits(model, x, batches.classes)  # (B, c)
+                loss = F.cross_entropy(logits, y)
+                penalty = method.penalty(loss)
+                opt.zero_grad(set_to_none=True)
+                total = loss if penalty is None else loss + penalty
+                (total if ranks.world == 1 else total * batches.shard_weight).backward()
+                ranks.sum_gradients_(trained)  # every rank now holds the whole batch's gradient
+                method.after_backward()
+                opt.step()
+                loss_sum += loss.detach() * len(y)
+                hits += (logits.argmax(1) == y).sum()
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
+                seen += len(y)
         if ranks.world > 1:  # the epoch's totals over every rank's slices
             counts = torch.tensor(float(seen), device=device)
             ranks.sum_(loss_sum, hits, counts)
@@ -1063,7 +1131,7 @@ def redraw(folder: Path) -> list[str]:
 CHECKPOINT = "checkpoint.pt"
 # Every other setting must match the checkpoint's. --batch-size may change so that an out-of-memory run can go
 # on with a smaller batch (the result then differs from an uninterrupted run).
-FREE_ON_RESUME = ("out", "resume", "data_root", "device", "batch_size")
+FREE_ON_RESUME = ("out", "resume", "data_root", "device", "batch_size", "compile")
 
 
 def default_out(args: CLArgs, name: str) -> Path:
@@ -1183,6 +1251,7 @@ def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, 
     add_lora_(model, args.targets.split(","), args.rank, args.lora_alpha)
     model.to(device)
     method = make_method(model, args)
+    compiled = compile_blocks_(model, args.compile, device)
     lambdas = parse_lambdas(args.ridge_lambdas)
     head = Classifier(args.classifier, model.head, args.drift, lambdas=lambdas,
                       projection=random_projection(args.seed, cfg.dim, args.rp_dim, device)
@@ -1197,7 +1266,8 @@ def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, 
         f"{data.classes_per_task} classes, {len(data.train_y)} training images, device {device}")
     log(f"class order (class seed {args.class_seed}): {data.order}")
     amp = bf16_autocast(args.precision, device)
-    log(f"precision: {'bf16 autocast' if amp else 'float32'} on {device.type} (--precision {args.precision})")
+    log(f"precision: {'bf16 autocast' if amp else 'float32'} on {device.type} (--precision {args.precision}); "
+        f"compiled blocks: {compiled} (--compile {args.compile})")
     log(f"config: {json.dumps(asdict(args))}")
 
     gen, device_gen = run_generators(args.seed, device)
@@ -1221,7 +1291,8 @@ def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, 
         earlier_seconds, train_seconds = state["wall_seconds"], state["train_seconds"]
         log(f"resumed from {out / CHECKPOINT}: {len(acc)} of {args.tasks} tasks already done")
     domains, classes = domain_task_layout(args.tasks, args.domains)  # --domains: the two axes of the structure
-    clock = {"start": time.perf_counter(), "epochs_done": 0, "epochs_total": (args.tasks - len(acc)) * args.epochs}
+    clock = {"start": time.perf_counter(), "epochs_done": 0, "epochs_total": (args.tasks - len(acc)) * args.epochs,
+             "host_syncs": {}}
 
     def results() -> dict:
         seen, summary = len(acc), method.summary()
@@ -1231,6 +1302,8 @@ def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, 
             "class_order": data.order, "class_names": data.class_names,
             "metrics": cl_metrics([r[:seen] for r in acc]), "accuracy_matrix": acc,
             "wall_seconds": earlier_seconds + time.perf_counter() - start, "train_seconds": train_seconds,
+            "compiled_blocks": compiled,
+            **({"host_syncs_in_steps": clock["host_syncs"]} if os.environ.get(SYNC_CHECK) == "1" else {}),
             **peak_memory(device), "trainable_params": trainable,
             "stored_params": sum(t.numel() for t in [*method.stored_tensors(), *head.stored_tensors()]),
             **summary, "tasks": per_task,

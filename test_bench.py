@@ -61,6 +61,15 @@ def test_speed_and_growth_run_on_a_tiny_backbone():
     assert s["ham_folded_inference_vs_backbone"] > 0 and s["dtype"] == "torch.float32"
     b = bench.speed(torch.device("cpu"), "vit_nano", batch=4, seconds=0.01, amp=True)  # --precision bf16 on the CPU
     assert b["dtype"] == "torch.bfloat16" and b["lora_step"]["images_per_second"] > 0
+    cpu = torch.device("cpu")  # the GPU report's measures, on a tiny backbone: each lever, the loop, TRM's merge
+    levers = bench.levers(cpu, "vit_nano", 4, seconds=0.01, amp=False, modes=bench.LEVERS[:2],
+                          backends=("MATH", "NO_SUCH_KERNEL"), peak=s["peak_flops"])
+    assert [r["fused_adam"] for r in levers[:2]] == [False, True] and all(r["images_per_second"] > 0 for r in levers[:3])
+    assert "error" in levers[3] and "images_per_second" not in levers[3]  # a lever that fails is a row, not a crash
+    loop = bench.loop_images_per_second(cpu, "vit_nano", 32, 8, "auto", amp=False, per_class=2)
+    assert loop["compile"] == "off" and loop["images_per_second"] > 0
+    merge = bench.merge_against_training(cpu, "vit_nano", 4, snapshots=3, amp=False, per_class=1)
+    assert merge["merge_steps"] == 3 and merge["merge_step_vs_train_step"] > 0  # 10 images: batches of 4, 4, 2
     rows = bench.growth(torch.device("cpu"), "vit_nano", task_counts=(2, 3))
     assert rows[0]["trm_stored_bytes"] == rows[1]["trm_stored_bytes"] > 0  # TRM keeps W0 and M only
     assert rows[0]["treelora_stored_bytes"] < rows[1]["treelora_stored_bytes"]  # TreeLoRA keeps one vector per task
@@ -76,8 +85,9 @@ def test_bad_flags_are_one_sentence():
     for argv, message in ((["--speed", "--device", "foo"], "--device foo is not a device"),
                           (["--preset", "tiny", "--tasks", "7"], "--tasks takes task counts that divide 100"),
                           (["--preset", "tiny", "--jobs", "0"], "--seeds and --jobs must be at least 1"),
-                          ([], "choose --preset, --speed, --search or --gpu-check"),
-                          (["--gpu-check", "--device", "cpu"], "--gpu-check needs a CUDA device")):
+                          ([], "choose --preset, --speed, --search, --gpu-check or --gpu-all"),
+                          (["--gpu-check", "--device", "cpu"], "--gpu-check and --gpu-all need a CUDA device"),
+                          (["--gpu-all", "--device", "cpu"], "--gpu-check and --gpu-all need a CUDA device")):
         proc = subprocess.run([sys.executable, "bench.py", *argv], cwd=HERE, capture_output=True, text=True)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr
         assert message in proc.stderr.strip().splitlines()[-1]

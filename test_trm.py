@@ -223,6 +223,9 @@ def test_storage_does_not_grow_with_tasks(tmp_path):
     after_2, after_6 = r["tasks"][1], r["tasks"][5]
     assert after_2["stored_tensors"] == after_6["stored_tensors"] == 2 * 2  # W0 and M for 2 qkv layers
     assert after_2["stored_params"] == after_6["stored_params"] > 0
+    # every merge's cost is in the run's record: its steps, seconds, seconds per step
+    assert all(t["merge_steps"] == 2 and t["merge_seconds"] > 0 and
+               t["merge_step_seconds"] == pytest.approx(t["merge_seconds"] / 2) for t in r["tasks"])
 
 
 def test_the_plain_merge_runs_and_draws_its_coefficients(tmp_path, capsys):
@@ -231,6 +234,7 @@ def test_the_plain_merge_runs_and_draws_its_coefficients(tmp_path, capsys):
     r = trm.main([*TINY, "--tasks", "2", "--epochs", "1", "--train-per-class", "4", "--merge-steps", "0",
                   "--out", str(tmp_path)])
     assert r["finished"] and all("objectives_after" not in t for t in r["tasks"])
+    assert all(t["merge_steps"] == 0 and t["merge_step_seconds"] is None for t in r["tasks"])
     assert_mechanism_drawn(tmp_path, capsys.readouterr().out)
 
 

@@ -258,9 +258,9 @@ def sparsify_gradients_(params: Sequence[nn.Parameter], density: float) -> None:
     for p in params:
         if p.grad is not None:
             flat = p.grad.view(-1)
-            keep = torch.zeros_like(flat, dtype=torch.bool)
-            keep[flat.abs().topk(math.ceil(density * flat.numel()), sorted=False).indices] = True
-            flat.masked_fill_(~keep, 0)
+            top = flat.abs().topk(math.ceil(density * flat.numel()), sorted=False).indices
+            keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(0, top, True)  # scatter: no host sync, where
+            flat.masked_fill_(~keep, 0)  # keep[top] = True (index_put_) synchronised once per tensor and step
 
 
 # ----------------------------------------------------------------------------------------------------------
