@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 
 import baselines
@@ -634,10 +635,12 @@ SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "M
 
 
 def levers(device: torch.device, backbone: str, batch: int, *, img_size: int = 0, seconds: float = 2.0,
-           amp: bool = True, modes=LEVERS, backends=SDPA_BACKENDS, peak: float | None = None) -> list[dict]:
+           amp: bool = True, modes=LEVERS, backends=SDPA_BACKENDS, peak: float | None = None,
+           deadline: float = math.inf) -> list[dict]:
     """Our LoRA training step (rank 8 on qkv) under each lever, measured rather than assumed: compile modes and
     Adam kernels (modes), then each attention kernel SDPA can be held to (backends; eager, fused Adam). A lever
-    that fails is a row with its error. warmup_seconds: the first three steps, compilation included."""
+    that fails is a row with its error. warmup_seconds: the first three steps, compilation included. Rows not
+    begun by `deadline` (time.perf_counter()) are left out."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     cfg = dataclasses.replace(VIT_PRESETS[backbone], img_size=img_size or VIT_PRESETS[backbone].img_size)
     x = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device)
@@ -647,11 +650,15 @@ def levers(device: torch.device, backbone: str, batch: int, *, img_size: int = 0
     runs = [(label, mode, fused, None) for label, mode, fused in modes]
     runs += [(f"eager, fused Adam, attention {b.lower()}", "off", True, b) for b in backends]
     for label, mode, fused, backend in runs:
+        if time.perf_counter() > deadline:
+            print(f"  {label}: left out (the report's time was up)", flush=True)
+            continue
         row = {"lever": label, "compile": mode, "fused_adam": bool(fused), "sdpa": backend or "PyTorch's pick",
                "backbone": backbone, "img_size": cfg.img_size, "batch": batch}
         try:
             model = lora_vit(cfg, device)
             continual.compile_blocks_(model, mode, device)
+            torch._dynamo.config.suppress_errors = False  # here a compiler failure is the row's finding
             step = training_step_fn(model, [p for p in model.parameters() if p.requires_grad], x, y, amp, fused)
             with sdpa_kernel(getattr(SDPBackend, backend)) if backend else contextlib.nullcontext():
                 t0 = time.perf_counter()
@@ -839,13 +846,16 @@ def gpu_check(out: Path, flags: list[str], device: list[str] = ()) -> tuple[list
             lines.append(f"`{name}`: FAILED (exit {c.returncode}): {output.strip().splitlines()[-1:] or ''}")
             continue
         r = json.loads(results.read_text())
-        syncs = r.get("host_syncs_in_steps", {})
+        every = r.get("host_syncs_in_steps", {})
+        syncs = {site: n for site, n in every.items() if not site.startswith(continual.COMPILING)}
+        compiling = sum(every.values()) - sum(syncs.values())  # the compiler's autotuning at first steps
         ok &= not syncs and r["finished"]
         log = (folder[name] / "log.txt").read_text()
         device_used = next((l.split("device ")[-1] for l in log.splitlines() if ", device " in l), "?")
         lines.append(f"`{name}`: ran on {device_used}, compiled blocks {r.get('compiled_blocks')}, A_last "
                      f"{r['metrics']['A_last']:.2f}; host syncs inside training steps: {sum(syncs.values())}"
-                     + "".join(f"\n    - {n} at {site}" for site, n in syncs.items()))
+                     + (f" (and {compiling} by the compiler at first steps)" if compiling else "")
+                     + "".join(f"\n    - {n} at {site}" for site, n in every.items()))
     ref = folder["ham.py"] / "results.json"
     if resumed.returncode != 0 or not ref.exists():
         ok = False
@@ -878,9 +888,11 @@ def lever_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def speed_report(device: torch.device, stamp: str, out: Path) -> dict:
+def speed_report(device: torch.device, stamp: str, out: Path, seconds: float = math.inf) -> dict:
     """--speed: the speed table, and on CUDA each lever measured, the loop at a small batch, TRM's merge step
-    against a training step; the growth with tasks. Printed as it goes and saved as speed.md under out."""
+    against a training step; the growth with tasks. Printed as it goes and saved as speed.md under out. After
+    `seconds`, what has not begun is left out (--gpu-all's budget)."""
+    deadline = time.perf_counter() + seconds
     md: list[str] = []
     report: dict = {}
     cuda = device.type == "cuda"
@@ -903,8 +915,9 @@ def speed_report(device: torch.device, stamp: str, out: Path) -> dict:
     if cuda:  # each lever measured: what --compile auto and the loop's Adam pick is what measured faster here
         peak = speeds[-1]["peak_flops"]
         say("\nLevers, one at a time (MFU: 2 forwards' FLOPs per image against the bf16 matmul peak):", md)
-        rows = levers(device, "vit_b_16", 256, peak=peak, seconds=1.0, modes=LEVERS[:3])  # CUDA graphs: small batches
-        rows += levers(device, "vit_s_14", 32, img_size=224, peak=peak, seconds=1.0, backends=())
+        rows = levers(device, "vit_b_16", 256, peak=peak, seconds=1.0, modes=LEVERS[:3],  # CUDA graphs: small
+                      deadline=deadline)  # batches
+        rows += levers(device, "vit_s_14", 32, img_size=224, peak=peak, seconds=1.0, backends=(), deadline=deadline)
         report["levers"] = rows
         say(lever_table(rows), md)
         loop = [loop_images_per_second(device, "vit_s_14", 224, 32, mode) for mode in ("off", "auto")]
@@ -923,7 +936,7 @@ def speed_report(device: torch.device, stamp: str, out: Path) -> dict:
             f"ms ({merge['merge_step_vs_train_step']:.2f}×); at the scripts' defaults (20 merge steps; 20 epochs of "
             f"{steps_per_epoch} steps, CIFAR-100 in 10 tasks) the merge is {100 * share:.1f}% of a task's training "
             "(computed from these two step times)", md)
-    rows = growth(device, backbone, task_counts=(5, 20, 50))
+    rows = growth(device, backbone, task_counts=(5, 50)) if time.perf_counter() < deadline else []
     report["growth"] = rows
     say(f"\nGrowth with the number of tasks ({backbone} qkv LoRA r=8; HAM with 5 groups)\n"
         "| tasks | HAM stored | HAM merge s (last task) | TreeLoRA search ms/step | TreeLoRA stored | TRM stored |\n"
@@ -990,20 +1003,21 @@ def gpu_all(device: torch.device, out: Path, work: Path, stamp: str, explicit_de
 
     try:
         md.append("## Speed\n")
-        report["speed"] = speed_report(device, stamp, work)
+        report["speed"] = speed_report(device, stamp, work, seconds=0.4 * budget)
         md.append((work / "speed.md").read_text())
         save()
-        md.append(f"\n## The GPU check ({time.perf_counter() - t0:.0f} s in)\n")
+        begun = time.perf_counter() - t0
         dev = ["--device", explicit_device] if explicit_device else []
-        code = wait([child(["--gpu-check", "--out", str(work / "check"), *dev])])[0]
+        regimes = ("pretrained-224", "domains-224")  # the check's runs and the methods' share the GPU from here
+        codes = wait([child(["--gpu-check", "--out", str(work / "check"), *dev])]
+                     + [child(["--preset", p, "--set", "methods", "--seeds", "1", "--jobs", "8", "--out",
+                               str(work / p), *dev]) for p in regimes])
+        code, codes = codes[0], codes[1:]
+        md.append(f"\n## The GPU check (begun {begun:.0f} s in, beside the methods set)\n")
         check = work / "check" / "gpu_check.md"
         md.append(check.read_text() if check.exists() else f"the check stopped (exit {code}) before its report")
         report["gpu_check_exit"] = code
-        save()
-        md.append(f"\n## The methods set at 224 px, one seed, both regimes at once ({time.perf_counter() - t0:.0f} s in)\n")
-        regimes = ("pretrained-224", "domains-224")
-        codes = wait([child(["--preset", p, "--set", "methods", "--seeds", "1", "--jobs", "8", "--out",
-                             str(work / p), *dev]) for p in regimes])
+        md.append(f"\n## The methods set at 224 px, one seed, both regimes at once (begun {begun:.0f} s in)\n")
         for p, c in zip(regimes, codes):
             table = work / p / f"methods_{p}.md"
             md.append(f"### {p} (exit {c})\n\n" + (table.read_text() if table.exists() else
@@ -1011,6 +1025,10 @@ def gpu_all(device: torch.device, out: Path, work: Path, stamp: str, explicit_de
                                                      "digests are in gpu_all.json") + "\n")
         report["methods_exit"] = dict(zip(regimes, codes))
         report["runs"] = [run_digest(r) for r in sorted(work.glob("*-224/**/results.json"))]
+        import tarfile
+        with tarfile.open(out / "gpu_all_runs.tgz", "w:gz") as tar:  # every run's results and log, no checkpoint
+            for f in sorted([*work.rglob("results.json"), *work.rglob("log.txt")]):
+                tar.add(f, arcname=str(f.relative_to(work)))
         md.append(f"\n{time.perf_counter() - t0:.0f} s in all.")
         save()
         return int(code != 0 or any(codes))
@@ -1058,10 +1076,10 @@ def main() -> None:
                              "torchrun, two short tasks each, a kill and --resume; exits 1 on any failure or any "
                              "host sync inside a training step, which it prints with its call site")
     parser.add_argument("--gpu-all", action="store_true",
-                        help="every GPU figure in one go: --speed alone on the GPU, then --gpu-check, then the "
-                             "methods set at 224 px on the 5-task and the 20-task domain regimes side by side (one "
-                             "seed); at most 3 files in --out (gpu_all.md, gpu_all.json, gpu_all_log.txt), the runs "
-                             "in --work")
+                        help="every GPU figure in one go: --speed alone on the GPU (up to 0.4 of --budget), then "
+                             "--gpu-check beside the methods set at 224 px on the 5-task and the 20-task domain "
+                             "regimes (one seed); at most 4 files in --out (gpu_all.md, gpu_all.json, "
+                             "gpu_all_log.txt, gpu_all_runs.tgz: the runs' results and logs), the runs in --work")
     parser.add_argument("--work", default="bench_results/gpu_all_work", help="--gpu-all: folder for the raw runs")
     parser.add_argument("--budget", type=float, default=470.0,
                         help="--gpu-all: seconds after which unfinished runs are stopped and reported as such")

@@ -783,6 +783,9 @@ SYNC_CHECK = "CL_SYNC_CHECK"  # set to 1 (bench.py --gpu-check): every host sync
 HERE = Path(__file__).resolve().parent
 
 
+COMPILING = "while compiling: "  # a recorded sync's prefix when the compiler, not the step, asked for it
+
+
 @contextlib.contextmanager
 def host_syncs_recorded(sites: dict[str, int], enabled: bool):
     """Inside: count every host sync the CUDA work makes, by call site ("treelora.py:262 sparsify_gradients_ <-
@@ -795,9 +798,13 @@ def host_syncs_recorded(sites: dict[str, int], enabled: bool):
     def record(message, category, filename, lineno, file=None, line=None):
         if "synchroniz" not in str(message).lower():
             return shown(message, category, filename, lineno, file, line)
-        frames = [f for f in traceback.extract_stack()[:-1] if Path(f.filename).resolve().parent == HERE]
+        stack = traceback.extract_stack()[:-1]
+        frames = [f for f in stack if Path(f.filename).resolve().parent == HERE]
         site = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames[-3:]))
-        sites[site or f"{filename}:{lineno}"] = sites.get(site or f"{filename}:{lineno}", 0) + 1
+        site = site or f"{filename}:{lineno}"
+        if any(part in f.filename for f in stack for part in ("torch/_dynamo/", "torch/_inductor/")):
+            site = f"{COMPILING}{site}"  # the compiler at a first step (its autotuning times kernels), not the step
+        sites[site] = sites.get(site, 0) + 1
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")
