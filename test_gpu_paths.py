@@ -16,7 +16,7 @@ from conftest import TINY
 
 SCRIPTS = {"ham": (ham, ["--groups", "1"]), "treelora": (treelora, ["--grad-density", "0.5"]),
            "trm": (trm, ["--merge-steps", "3"])}
-SHORT = [*TINY, "--tasks", "3", "--epochs", "1", "--train-per-class", "8", "--test-per-class", "4",
+SHORT = [*TINY, "--tasks", "4", "--epochs", "1", "--train-per-class", "4", "--test-per-class", "4",
          "--classifier", "ridge", "--rp-dim", "32"]
 
 
