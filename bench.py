@@ -543,6 +543,7 @@ def training_step_fn(model, params, x: torch.Tensor, y: torch.Tensor, amp: bool,
     opt = torch.optim.Adam(params, lr=1e-4, fused=fused)
 
     def step():
+        continual.step_begin(model)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
             loss = F.cross_entropy(model(x).float(), y)
         opt.zero_grad(set_to_none=True)
@@ -888,7 +889,11 @@ def lever_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def speed_report(device: torch.device, stamp: str, out: Path, seconds: float = math.inf) -> dict:
+SPEED_PARTS = ("table", "levers", "loop", "merge", "growth")
+
+
+def speed_report(device: torch.device, stamp: str, out: Path, seconds: float = math.inf,
+                 parts: tuple[str, ...] = SPEED_PARTS) -> dict:
     """--speed: the speed table, and on CUDA each lever measured, the loop at a small batch, TRM's merge step
     against a training step; the growth with tasks. Printed as it goes and saved as speed.md under out. After
     `seconds`, what has not begun is left out (--gpu-all's budget)."""
@@ -898,9 +903,11 @@ def speed_report(device: torch.device, stamp: str, out: Path, seconds: float = m
     cuda = device.type == "cuda"
     backbone, batch = ("vit_b_16", 256) if cuda else ("vit_small_cifar", 64)
     both = device.type == "cpu" and continual.cpu_has_bf16()  # --precision auto picks bf16 here: time both
-    speeds = [speed(device, backbone, batch, amp=amp) for amp in ((False, True) if both else (None,))]
-    report["speed"] = speeds[-1]
-    if both:
+    speeds = [speed(device, backbone, batch, amp=amp) for amp in ((False, True) if both else (None,))
+              if "table" in parts]
+    if speeds:
+        report["speed"] = speeds[-1]
+    if both and speeds:
         report["speed_fp32"] = speeds[0]
     for s in speeds:
         say(f"\nSpeed, {stamp}: {backbone}, batch {batch}, {s['dtype']}, as a run trains (--compile auto: "
@@ -912,20 +919,25 @@ def speed_report(device: torch.device, stamp: str, out: Path, seconds: float = m
             f"| LoRA step speed / torchvision full step | {s['lora_step_vs_torchvision_full_step']:.2f}× |\n"
             f"| forward: ours / torchvision | {s['forward_ours_vs_torchvision']:.3f} ({s['forward_images_per_second']['ours']:.1f} vs {s['forward_images_per_second']['torchvision']:.1f} img/s) |\n"
             f"| HAM folded inference / plain backbone | {s['ham_folded_inference_vs_backbone']:.3f} |", md)
-    if cuda:  # each lever measured: what --compile auto and the loop's Adam pick is what measured faster here
-        peak = speeds[-1]["peak_flops"]
-        say("\nLevers, one at a time (MFU: 2 forwards' FLOPs per image against the bf16 matmul peak):", md)
-        rows = levers(device, "vit_b_16", 256, peak=peak, seconds=1.0, modes=LEVERS[:3],  # CUDA graphs: small
-                      deadline=deadline)  # batches
+    if cuda and "levers" in parts:  # each lever measured: what --compile auto and the loop's Adam pick
+        peak = speeds[-1]["peak_flops"] if speeds else peak_matmul_flops(device, torch.bfloat16, 2.0)
+        say("\nLevers, one at a time (MFU: 2 forwards' FLOPs per image against the bf16 matmul peak, "
+            f"{peak / 1e12:.1f} TFLOP/s measured):", md)
+        rows = levers(device, "vit_b_16", 256, peak=peak, seconds=1.0, deadline=deadline)
         rows += levers(device, "vit_s_14", 32, img_size=224, peak=peak, seconds=1.0, backends=(), deadline=deadline)
         report["levers"] = rows
         say(lever_table(rows), md)
-        loop = [loop_images_per_second(device, "vit_s_14", 224, 32, mode) for mode in ("off", "auto")]
+    if cuda and "loop" in parts:
+        loop = [loop_images_per_second(device, backbone, size, b, mode, per_class=per_class)
+                for backbone, size, b, per_class in (("vit_s_14", 224, 32, 128), ("vit_b_16", 224, 192, 116))
+                for mode in ("off", "default", "reduce-overhead") if time.perf_counter() < deadline]
         report["loop"] = loop
-        say("\nThe loop itself (continual.train_task: augmentation, resize from 32 px, step; SeqLoRA), ViT-S/14 at "
-            "224 px, batch 32, second epoch:\n| --compile | img/s | first epoch s |\n| --- | --- | --- |\n"
-            + "\n".join(f"| {r['compile']} | {r['images_per_second']:.0f} | {r['first_epoch_seconds']:.1f} |"
-                         for r in loop), md)
+        say("\nThe loop itself (continual.train_task: augmentation, resize from 32 px, step; SeqLoRA) at 224 px, "
+            "second epoch of 1,280 or 1,160 images:\n| backbone, batch | --compile | img/s | first epoch s |\n"
+            "| --- | --- | --- | --- |\n"
+            + "\n".join(f"| {r['backbone']}, {r['batch']} | {r['compile']} | {r['images_per_second']:.0f} | "
+                         f"{r['first_epoch_seconds']:.1f} |" for r in loop), md)
+    if cuda and "merge" in parts and time.perf_counter() < deadline:
         merge = merge_against_training(device, "vit_b_16", 192, snapshots=20, compile_mode="off")  # both eager
         report["trm_merge"] = merge
         steps_per_epoch = math.ceil(5000 / 192)  # the scripts' defaults: CIFAR-100 in 10 tasks, batch 192, 20 epochs
@@ -936,11 +948,12 @@ def speed_report(device: torch.device, stamp: str, out: Path, seconds: float = m
             f"ms ({merge['merge_step_vs_train_step']:.2f}×); at the scripts' defaults (20 merge steps; 20 epochs of "
             f"{steps_per_epoch} steps, CIFAR-100 in 10 tasks) the merge is {100 * share:.1f}% of a task's training "
             "(computed from these two step times)", md)
-    rows = growth(device, backbone, task_counts=(5, 50)) if time.perf_counter() < deadline else []
+    rows = growth(device, backbone, task_counts=(5, 50)) if time.perf_counter() < deadline and "growth" in parts else []
     report["growth"] = rows
-    say(f"\nGrowth with the number of tasks ({backbone} qkv LoRA r=8; HAM with 5 groups)\n"
-        "| tasks | HAM stored | HAM merge s (last task) | TreeLoRA search ms/step | TreeLoRA stored | TRM stored |\n"
-        "| --- | --- | --- | --- | --- | --- |", md)
+    if rows:
+        say(f"\nGrowth with the number of tasks ({backbone} qkv LoRA r=8; HAM with 5 groups)\n"
+            "| tasks | HAM stored | HAM merge s (last task) | TreeLoRA search ms/step | TreeLoRA stored | TRM stored |\n"
+            "| --- | --- | --- | --- | --- | --- |", md)
     for r in rows:
         say(f"| {r['tasks']} | {mib(r['ham_stored_bytes'])} | {r['ham_last_merge_seconds']:.4f} | "
             f"{r['treelora_search_ms_per_step']:.3f} | {mib(r['treelora_stored_bytes'])} | {mib(r['trm_stored_bytes'])} |", md)
@@ -1070,6 +1083,9 @@ def main() -> None:
                              "says where each ran); on the CPU they share the threads (train seconds are then not "
                              "comparable)")
     parser.add_argument("--speed", action="store_true", help="speed against the machine's limit")
+    parser.add_argument("--levers", action="store_true",
+                        help="on CUDA, the speed levers alone: compile modes, Adam kernels, attention kernels, the "
+                             "loop under each --compile, TRM's merge step against a training step")
     parser.add_argument("--search", action="store_true", help="TreeLoRA's search time per step only")
     parser.add_argument("--gpu-check", action="store_true",
                         help="the README's commands as typed, on the default device and under a one-process "
@@ -1094,18 +1110,18 @@ def main() -> None:
                         help="with --preset custom: the scripts' shared flags (python ham.py --help), after --, "
                              "e.g. -- --dataset folder --data-root DIR --weights FILE --tasks 10")
     args = parser.parse_args()
-    if args.flags and args.preset != "custom":
-        parser.error("flags after -- go with --preset custom only.")
+    if args.flags and args.preset != "custom" and not args.gpu_check:
+        parser.error("flags after -- go with --preset custom or --gpu-check only.")
     if args.preset == "custom":
         PRESETS["custom"] = custom_preset(args.flags)
     if args.preset and args.precision:
         PRESETS[args.preset] = {**PRESETS[args.preset], "flags": [*PRESETS[args.preset]["flags"], "--precision",
                                                                   args.precision]}
-    if not (args.preset or args.speed or args.search or args.gpu_check or args.gpu_all):
-        parser.error("choose --preset, --speed, --search, --gpu-check or --gpu-all.")
+    if not (args.preset or args.speed or args.levers or args.search or args.gpu_check or args.gpu_all):
+        parser.error("choose --preset, --speed, --levers, --search, --gpu-check or --gpu-all.")
     cuda_asked = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
-    if (args.gpu_check or args.gpu_all) and not cuda_asked:
-        parser.error(f"--gpu-check and --gpu-all need a CUDA device (--device {args.device}: none here).")
+    if (args.gpu_check or args.gpu_all or args.levers) and not cuda_asked:
+        parser.error(f"--gpu-check, --gpu-all and --levers need a CUDA device (--device {args.device}: none here).")
     if args.seeds < 1 or args.jobs < 1:
         parser.error("--seeds and --jobs must be at least 1.")
     try:
@@ -1132,6 +1148,7 @@ def main() -> None:
 
     if args.gpu_check:
         flags, what = check_flags(Path("data"))
+        flags, what = [*flags, *args.flags], what + (f", with {' '.join(args.flags)}" if args.flags else "")
         lines, ok = gpu_check(out, flags, ["--device", explicit_device] if explicit_device else [])
         report["gpu_check"] = {"lines": lines, "passed": ok, "data": what}
         print(f"GPU check ({what}), {stamp}:\n" + "\n".join(f"- {line}" for line in lines)
@@ -1163,8 +1180,8 @@ def main() -> None:
             seconds, height = search_seconds_per_step(tasks, layers=12, rank=8, dim=768, steps=300, device=device)
             print(f"| {tasks} | {height} | {1e3 * seconds:.3f} |")
 
-    if args.speed:
-        report.update(speed_report(device, stamp, out))
+    if args.speed or args.levers:
+        report.update(speed_report(device, stamp, out, parts=SPEED_PARTS if args.speed else ("levers", "loop", "merge")))
 
     (out / "bench.json").write_text(json.dumps(report, indent=1))
 

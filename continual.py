@@ -798,9 +798,11 @@ def host_syncs_recorded(sites: dict[str, int], enabled: bool):
     def record(message, category, filename, lineno, file=None, line=None):
         if "synchroniz" not in str(message).lower():
             return shown(message, category, filename, lineno, file, line)
-        stack = traceback.extract_stack()[:-1]
+        stack = [f for f in traceback.extract_stack()[:-1] if not f.filename.endswith("warnings.py")]
         frames = [f for f in stack if Path(f.filename).resolve().parent == HERE]
         site = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames[-3:]))
+        if stack and stack[-1] not in frames:  # the call that synchronised, where it is torch's own Python
+            site = f"{'/'.join(Path(stack[-1].filename).parts[-2:])}:{stack[-1].lineno} {stack[-1].name} <- {site}"
         site = site or f"{filename}:{lineno}"
         if any(part in f.filename for f in stack for part in ("torch/_dynamo/", "torch/_inductor/")):
             site = f"{COMPILING}{site}"  # the compiler at a first step (its autotuning times kernels), not the step
@@ -843,7 +845,15 @@ def compile_blocks_(model: ViT, mode: str, device: torch.device, backend: str = 
     config.suppress_errors = True  # fall back to eager for what cannot be compiled, never stop the run
     for block in model.blocks:
         block.compile(backend=backend, mode=None if mode == "default" or backend != "inductor" else mode, dynamic=True)
+    model.compiled = mode  # step_begin() reads it
     return mode
+
+
+def step_begin(model: ViT) -> None:
+    """Before each training step (and each step of a merge): with CUDA graphs (--compile reduce-overhead), tell
+    them a new step begins, so that the last step's graphs are not kept waiting for a backward that never comes."""
+    if getattr(model, "compiled", "off") == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 def train_task(model: ViT, method: Method, batches: TaskBatches, *, epochs: int, lr: float, head_lr: float, task: int,
@@ -875,6 +885,7 @@ def train_task(model: ViT, method: Method, batches: TaskBatches, *, epochs: int,
         seen = 0
         with host_syncs_recorded(syncs, sync_check):  # bench.py --gpu-check: every host sync inside the steps
             for step, (x, y) in enumerate(batches):
+                step_begin(model)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     logits = task_logits(model, x, batches.classes)  # (B, c)
                 loss = F.cross_entropy(logits, y)

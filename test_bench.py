@@ -85,9 +85,10 @@ def test_bad_flags_are_one_sentence():
     for argv, message in ((["--speed", "--device", "foo"], "--device foo is not a device"),
                           (["--preset", "tiny", "--tasks", "7"], "--tasks takes task counts that divide 100"),
                           (["--preset", "tiny", "--jobs", "0"], "--seeds and --jobs must be at least 1"),
-                          ([], "choose --preset, --speed, --search, --gpu-check or --gpu-all"),
-                          (["--gpu-check", "--device", "cpu"], "--gpu-check and --gpu-all need a CUDA device"),
-                          (["--gpu-all", "--device", "cpu"], "--gpu-check and --gpu-all need a CUDA device")):
+                          ([], "choose --preset, --speed, --levers, --search, --gpu-check or --gpu-all"),
+                          (["--gpu-check", "--device", "cpu"], "--gpu-check, --gpu-all and --levers need a CUDA"),
+                          (["--gpu-all", "--device", "cpu"], "--gpu-check, --gpu-all and --levers need a CUDA"),
+                          (["--speed", "--", "--epochs", "2"], "flags after -- go with --preset custom or --gpu-check")):
         proc = subprocess.run([sys.executable, "bench.py", *argv], cwd=HERE, capture_output=True, text=True)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr
         assert message in proc.stderr.strip().splitlines()[-1]

@@ -183,7 +183,11 @@ class LCBTreeSearch:
         self.plays = torch.zeros(T, num_layers, device=device)
         self.node_mean = torch.full((nodes, num_layers), math.inf, device=device)  # min mean over the subtree
         self.node_plays = torch.zeros(nodes, num_layers, device=device)  # min play count over the subtree
-        self.step = 0
+        members = torch.full((nodes, max(map(len, tree.node_tasks))), -1, dtype=torch.int64)
+        for node, tasks in enumerate(tree.node_tasks):
+            members[node, :len(tasks)] = torch.tensor(tasks, dtype=torch.int64)
+        self.members = members.to(device)  # (nodes, width) each node's tasks, -1 padded: warm starts index on the
+        self.step = 0  # device (a list index would copy from the host inside a training step)
 
     def reset_(self) -> None:
         """Statistics restart every epoch (the paper)."""
@@ -196,8 +200,8 @@ class LCBTreeSearch:
         self.total.copy_(rewards)
         self.plays.fill_(1)
         self.node_plays.fill_(1)
-        for node, tasks in enumerate(self.tree.node_tasks):
-            self.node_mean[node] = rewards[tasks].min(0).values
+        below = rewards[self.members.clamp(min=0)]  # (nodes, width, L)
+        self.node_mean.copy_(below.masked_fill((self.members < 0)[..., None], math.inf).min(1).values)
         self.step = rewards.shape[0]
 
     def select(self) -> Tensor:

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
-from continual import CLArgs, Method, TaskBatches, UserError, arg, main_guard, parse_args, run_continual
+from continual import (CLArgs, Method, TaskBatches, UserError, arg, main_guard, parse_args, run_continual,
+                       step_begin)
 from lora_vit import ViT, lora_layers, lora_parameters
 
 
@@ -260,6 +261,7 @@ class TRM(Method):
         fixed, step, t0 = None, 0, time.perf_counter()
         while step < self.merge_steps:
             for x, y in batches:
+                step_begin(self.model)  # (with CUDA graphs: a new step)
                 fixed = fixed or (x, y)  # the merge's first batch: its objectives are reported before and after
                 terms = objective(c, x, y)
                 opt.zero_grad(set_to_none=True)
