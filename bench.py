@@ -848,15 +848,15 @@ def gpu_check(out: Path, flags: list[str], device: list[str] = ()) -> tuple[list
             continue
         r = json.loads(results.read_text())
         every = r.get("host_syncs_in_steps", {})
-        syncs = {site: n for site, n in every.items() if not site.startswith(continual.COMPILING)}
-        compiling = sum(every.values()) - sum(syncs.values())  # the compiler's autotuning at first steps
+        syncs = {site: n for site, n in every.items() if not site.startswith(continual.NOT_A_STEP)}
+        apart = sum(every.values()) - sum(syncs.values())  # the compiler at first steps, the recorder's switch
         ok &= not syncs and r["finished"]
         log = (folder[name] / "log.txt").read_text()
         device_used = next((l.split("device ")[-1] for l in log.splitlines() if ", device " in l), "?")
         lines.append(f"`{name}`: ran on {device_used}, compiled blocks {r.get('compiled_blocks')}, A_last "
                      f"{r['metrics']['A_last']:.2f}; host syncs inside training steps: {sum(syncs.values())}"
-                     + (f" (and {compiling} by the compiler at first steps)" if compiling else "")
-                     + "".join(f"\n    - {n} at {site}" for site, n in every.items()))
+                     + (f" (and {apart} by the compiler at first steps or at the recorder's switch)" if apart else "")
+                     + "".join(f"\n    - {n} at {site}" for site, n in syncs.items()))
     ref = folder["ham.py"] / "results.json"
     if resumed.returncode != 0 or not ref.exists():
         ok = False
