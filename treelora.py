@@ -29,7 +29,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from continual import CLArgs, Method, TaskBatches, arg, main_guard, parse_args, run_continual
+from continual import Method, TaskBatches, main_guard, run_continual
+from flags import CLArgs, arg, parse_args
 from lora_vit import ViT, lora_layers, lora_parameters
 
 

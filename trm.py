@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
-from continual import (CLArgs, Method, TaskBatches, UserError, arg, main_guard, parse_args, run_continual,
-                       step_begin)
+from continual import Method, TaskBatches, UserError, main_guard, run_continual, step_begin
+from flags import CLArgs, arg, parse_args
 from lora_vit import ViT, lora_layers, lora_parameters
 
 
