@@ -1068,7 +1068,7 @@ def mib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
-def main() -> None:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=flags.HelpFormatter)
     parser.add_argument("--preset", choices=sorted([*PRESETS, "custom"]),
                         help="run a variant set with this regime and budget; custom: the flags after --")
@@ -1111,6 +1111,11 @@ def main() -> None:
     parser.add_argument("flags", nargs="*", metavar="-- FLAG",
                         help="with --preset custom: the scripts' shared flags (python ham.py --help), after --, "
                              "e.g. -- --dataset folder --data-root DIR --weights FILE --tasks 10")
+    return parser
+
+
+def main() -> None:
+    parser = make_parser()
     args = parser.parse_args()
     if args.flags and args.preset != "custom" and not args.gpu_check:
         parser.error("flags after -- go with --preset custom or --gpu-check only.")

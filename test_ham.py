@@ -72,6 +72,12 @@ def test_a_fresh_adapter_changes_nothing_and_alpha_is_its_scale():
         for layer in h.layers:
             layer.B.mul_(7.0)  # B's scale does not matter: it is used at unit norm
             torch.testing.assert_close(layer.delta().norm(), 2.0 * SCALE * (layer.B / layer.B.norm() @ layer.A).norm())
+            # the copyable importance step is what the layer computes, to the bit, and what the forward pass adds
+            assert torch.equal(ham.importance_delta(h.importance, layer.A, layer.B, layer.scale), layer.delta())
+        x_in = torch.randn(5, h.layers[0].A.shape[1])
+        layer = h.layers[0]
+        torch.testing.assert_close(layer(x_in) - layer.base(x_in),
+                                   x_in @ ham.importance_delta(h.importance, layer.A, layer.B, layer.scale).T)
 
 
 def test_joining_a_group_keeps_the_task_within_the_pruning_error():
