@@ -109,7 +109,7 @@ def learner_rows(label: str, script: str, flags: list[str], heads: dict[str, str
 
 BOTH = {"align": None, "ridge": "ridge"}  # the run's own head is align; RanPAC's head beside it
 STALE = {  # what stale statistics cost, and what a linear map of the drift wins back (the oracle is a diagnostic)
-    "align": None, "align, linear drift": "align/linear", "align, oracle": "align/oracle",
+    "align": None, "align, linear drift": "align/linear", "align, SDC": "align/sdc", "align, oracle": "align/oracle",
     "ridge": "ridge", "ridge, oracle": "ridge/oracle",
     "plain ridge (M = 0)": "ridge0", "plain ridge, linear drift": "ridge0/linear", "plain ridge, oracle": "ridge0/oracle",
 }
@@ -312,7 +312,7 @@ def compare(preset: str, variant_set: str, seeds: int, out: Path, device: str, j
             runs = [results[((script, tuple(extra)), tasks, seed)] for seed in range(seeds)]
             if head:  # a head kept beside the run's: its accuracy, the run's cost
                 runs = [{**r, **r["heads"][head]} for r in runs]
-            rows.append(summarise(label, tasks, runs))
+            rows.append(summarise(label, tasks, runs, head))
             curves[f"{label}|{tasks}"] = [statistics.mean(r["metrics"]["A_t"][t] for r in runs)
                                           for t in range(len(runs[0]["metrics"]["A_t"]))]
     return {"rows": rows, "curves": curves, "jobs": jobs}
@@ -371,7 +371,7 @@ def run_name(script: str, extra: list[str]) -> str:
     return "_".join(["".join(ch if ch.isalnum() else "_" for ch in a.lstrip("-")) for a in (script, *extra)])
 
 
-def summarise(label: str, tasks: int, runs: list[dict]) -> dict:
+def summarise(label: str, tasks: int, runs: list[dict], head: str | None = None) -> dict:
     def stat(values: list[float]) -> tuple[float, float]:
         return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -390,6 +390,8 @@ def summarise(label: str, tasks: int, runs: list[dict]) -> dict:
         "inference_images_per_second": (stat([r["inference_images_per_second"] for r in runs])
                                         if "inference_images_per_second" in runs[0] else None),
         "structure": structure_row(runs),
+        "won_back": (stat([r["drift_recovery"][head] for r in runs])  # a drift remedy's share (report.py)
+                     if head and all(r.get("drift_recovery", {}).get(head) is not None for r in runs) else None),
         "merge_seconds_per_task": (stat([statistics.mean(t["merge_seconds"] for t in r["tasks"]) for r in runs])
                                    if all("merge_seconds" in t for r in runs for t in r["tasks"]) and runs[0]["tasks"]
                                    else None),  # TRM's merge, per task
@@ -443,12 +445,15 @@ def markdown_table(rows: list[dict]) -> str:
 
     timed = rows[0]["inference_images_per_second"] is not None
     merged = any(r.get("merge_seconds_per_task") for r in rows)  # TRM's merge, within train s
-    lines = ["| method | tasks | A_last | A_avg | forgetting | BWT | train s |" + (" merge s / task |" if merged else "")
-             + " peak MiB | stored params |" + (" inference img/s |" if timed else ""),
-             "| --- " * (9 + timed + merged) + "|"]
+    won = any(r.get("won_back") for r in rows)  # a drift remedy's share of the stale-statistics loss
+    lines = ["| method | tasks | A_last |" + (" won back |" if won else "") + " A_avg | forgetting | BWT | train s |"
+             + (" merge s / task |" if merged else "") + " peak MiB | stored params |"
+             + (" inference img/s |" if timed else ""),
+             "| --- " * (9 + timed + merged + won) + "|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['tasks']} | {cell(r['A_last'])} | {cell(r['A_avg'])} | "
-                     f"{cell(r['forgetting'])} | {cell(r['BWT'])} | {cell(r['train_seconds'], 1)} |"
+        lines.append(f"| {r['method']} | {r['tasks']} | {cell(r['A_last'])} |"
+                     + (f" {cell(r.get('won_back'), 2)} |" if won else "")
+                     + f" {cell(r['A_avg'])} | {cell(r['forgetting'])} | {cell(r['BWT'])} | {cell(r['train_seconds'], 1)} |"
                      + (f" {cell(r.get('merge_seconds_per_task'), 2)} |" if merged else "")
                      + f" {cell(r['peak_memory_MiB'], 0)} | {r['stored_params']:,} |"
                      + (f" {cell(r['inference_images_per_second'], 0)} |" if timed else ""))

@@ -40,7 +40,8 @@ from flags import CLArgs, bf16_autocast, domain_task_counts, normalization_value
 from lora_vit import (PRESETS, TORCHVISION_WEIGHTS, LoRALinear, ViT, ViTConfig, WeightsError, add_lora_,
                       config_from_state_dict, hub_normalization, hub_weights, is_hub_name, load_backbone_,
                       read_weights_file, torchvision_weights)
-from report import RunLog, describe_structure, draw, format_seconds, readable_json, redraw, structure_measures, write_atomic
+from report import (RunLog, describe_drift_recovery, describe_structure, draw, drift_recovery, format_seconds,
+                    readable_json, redraw, structure_measures, write_atomic)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -740,6 +741,15 @@ def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, 
     clock = {"start": time.perf_counter(), "epochs_done": 0, "epochs_total": (args.tasks - len(acc)) * args.epochs,
              "host_syncs": {}}
 
+    def heads_a_last() -> dict[str, float]:
+        """A_last of the run's head and of every head beside it, by --compare-heads name."""
+        seen = len(acc)
+        if not seen:
+            return {}
+        own = args.classifier + ("" if args.drift == "none" else f"/{args.drift}")
+        return {own: cl_metrics([r[:seen] for r in acc])["A_last"],
+                **{name: cl_metrics([r[:seen] for r in m])["A_last"] for name, m in beside_acc.items()}}
+
     def results() -> dict:
         seen, summary = len(acc), method.summary()
         return {
@@ -756,6 +766,7 @@ def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, 
             **({"task_domains": domains, "task_classes": classes,
                 "structure": structure_measures(domains, summary.get("groups"), per_task, classes)}
                if args.domains > 1 else {}),
+            "drift_recovery": drift_recovery(heads_a_last()),  # what each remedy wins back (report.py)
             "heads": {name: {"accuracy_matrix": m, "metrics": cl_metrics([r[:seen] for r in m]),
                              "lambdas": [t["compare_heads"][name].get("lambda") for t in per_task],
                              "stored_params": sum(t.numel() for t in [*method.stored_tensors(),
@@ -838,6 +849,8 @@ def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, 
     log(f"done in {format_seconds(final['wall_seconds'])}: A_last {m['A_last']:.2f}%  A_avg {m['A_avg']:.2f}%  "
         f"forgetting {m['forgetting']:.2f}  BWT {m['BWT']:.2f}  -> {out / 'results.json'}")
     for line in describe_structure(final.get("structure", {})):
+        log(line)
+    for line in describe_drift_recovery(heads_a_last(), final["drift_recovery"]):
         log(line)
     if ranks.main:
         for line in draw(final, out):

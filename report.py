@@ -73,6 +73,39 @@ def structure_measures(domains: Sequence[int], groups: Sequence[Sequence[int]] |
     return out
 
 
+# ----------------------------------------------------------------------------------------------------------
+# What a drift remedy wins back of what stale statistics cost
+
+MIN_GAP = 0.5  # points: a stale-to-oracle gap below this leaves nothing measurable to win back
+
+
+def drift_recovery(a_last: dict[str, float]) -> dict[str, float | None]:
+    """For every head 'KIND/REMEDY' (a --drift other than none and oracle) whose stale head 'KIND' and oracle
+    'KIND/oracle' ran on the same backbone: the share of the stale-statistics loss the remedy wins back,
+    (remedy - stale) / (oracle - stale); 1 is the oracle's accuracy, 0 the stale head's, below 0 a loss. None where
+    the oracle is within MIN_GAP points of the stale head (nothing to win back). a_last: head name -> A_last."""
+    shares = {}
+    for name, value in a_last.items():
+        kind, _, remedy = name.partition("/")
+        if remedy in ("", "none", "oracle") or kind not in a_last or f"{kind}/oracle" not in a_last:
+            continue
+        gap = a_last[f"{kind}/oracle"] - a_last[kind]
+        shares[name] = (value - a_last[kind]) / gap if gap >= MIN_GAP else None
+    return shares
+
+
+def describe_drift_recovery(a_last: dict[str, float], shares: dict[str, float | None]) -> list[str]:
+    lines = []
+    for name, share in shares.items():
+        kind = name.partition("/")[0]
+        stale, oracle = a_last[kind], a_last[f"{kind}/oracle"]
+        lines.append(f"drift: {name} wins back " + (f"{100 * share:.0f}% of the {oracle - stale:.2f} points stale "
+                                                      f"statistics cost" if share is not None else
+                                                      f"nothing measurable (the oracle is {oracle - stale:+.2f})")
+                     + f" ({kind} {stale:.2f} -> {a_last[name]:.2f}; oracle {oracle:.2f})")
+    return lines
+
+
 def describe_structure(measures: dict) -> list[str]:
     lines = []
     if measures.get("ham_groups", {}).get("same_domain_pairs") is not None:

@@ -58,3 +58,22 @@ def test_redraw_names_a_folder_without_results(tmp_path):
 def test_a_baseline_draws_no_mechanism(tmp_path):
     run(tmp_path, "--tasks", "2", "--epochs", "1", "--train-per-class", "2")
     assert not (tmp_path / "mechanism.png").exists()
+
+
+def test_drift_recovery_by_hand():
+    a_last = {"align": 60.0, "align/oracle": 80.0, "align/sdc": 65.0, "align/linear": 55.0,
+              "ridge": 70.0, "ridge/oracle": 70.2, "ridge/sdc": 71.0, "ridge0/linear": 50.0}
+    shares = report.drift_recovery(a_last)
+    assert shares == {"align/sdc": 0.25, "align/linear": -0.25, "ridge/sdc": None}  # ridge0: no stale, no oracle
+    lines = report.describe_drift_recovery(a_last, shares)
+    assert lines[0] == ("drift: align/sdc wins back 25% of the 20.00 points stale statistics cost "
+                        "(align 60.00 -> 65.00; oracle 80.00)")
+    assert "nothing measurable" in lines[2]
+
+
+def test_a_run_reports_what_its_remedies_win_back(tmp_path):
+    r = run(tmp_path, "--tasks", "4", "--epochs", "1", "--train-per-class", "4", "--classifier", "align",
+            "--compare-heads", "align/sdc,align/oracle", "--lr", "5e-3")
+    a_last = {"align": r["metrics"]["A_last"], **{k: h["metrics"]["A_last"] for k, h in r["heads"].items()}}
+    assert r["drift_recovery"] == report.drift_recovery(a_last) and "align/sdc" in r["drift_recovery"]
+    assert "drift: align/sdc " in (tmp_path / "log.txt").read_text()  # a share, or "nothing measurable"
