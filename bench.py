@@ -26,9 +26,14 @@ import io
 import json
 import math
 import multiprocessing
+import os
 import platform
+import shutil
+import signal
 import statistics
+import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -187,7 +192,7 @@ def run_method(script: str, argv: list[str], threads: int) -> None:
 
 def final_model(out: Path, config: dict, num_classes: int) -> ViT:
     """The deployable model of a finished run: rebuilt from its checkpoint, every LoRA folded and removed."""
-    args = flags.CLArgs(**{f.name: config[f.name] for f in dataclasses.fields(flags.CLArgs)})
+    args = flags.CLArgs(**{f.name: config.get(f.name, f.default) for f in dataclasses.fields(flags.CLArgs)})  # a newer flag: its default
     continual.seed_everything(args.seed)  # the frozen backbone's random initialisation, as in the run
     cfg, state, _ = continual.backbone_config(args)
     model = continual.build_model(cfg, state, num_classes, args.weights)
@@ -815,9 +820,6 @@ def gpu_check(out: Path, script_flags: list[str], device: list[str] = ()) -> tup
     with every host sync inside a training step recorded by call site (continual.SYNC_CHECK): the three
     scripts, a baseline, a single-process torchrun, and a run killed after its first task then resumed, against
     the uninterrupted run. Returns the report's lines and whether everything passed."""
-    import os
-    import subprocess
-
     here = Path(__file__).parent
     env = {**os.environ, continual.SYNC_CHECK: "1", "PYTHONUNBUFFERED": "1"}
     runs = {  # name -> the command line, as a user types it
@@ -831,7 +833,6 @@ def gpu_check(out: Path, script_flags: list[str], device: list[str] = ()) -> tup
     folder = {name: out / f"check_{i}" for i, name in enumerate([*runs, "killed"])}
     for f in folder.values():
         if f.exists():
-            import shutil
             shutil.rmtree(f)
     t0 = time.perf_counter()
     children = {name: subprocess.Popen([*argv, *script_flags, *device, "--out", str(folder[name])], cwd=here, env=env,
@@ -991,9 +992,6 @@ def gpu_all(device: torch.device, out: Path, work: Path, stamp: str, explicit_de
     """--gpu-all: the speed report alone on the GPU; then the GPU check; then the methods set at 224 px on both
     real regimes at once (8 runs each, one seed), every child stopped at the budget. Writes gpu_all.md,
     gpu_all.json and gpu_all_log.txt in out; returns the exit code (1 if the check failed or a run did)."""
-    import os
-    import signal
-    import subprocess
     t0 = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
     md: list[str] = [f"# Every GPU figure in one go\n\n{stamp}\n"]
@@ -1045,7 +1043,6 @@ def gpu_all(device: torch.device, out: Path, work: Path, stamp: str, explicit_de
                                                      "digests are in gpu_all.json") + "\n")
         report["methods_exit"] = dict(zip(regimes, codes))
         report["runs"] = [run_digest(r) for r in sorted(work.glob("*-224/**/results.json"))]
-        import tarfile
         with tarfile.open(out / "gpu_all_runs.tgz", "w:gz") as tar:  # every run's results and log, no checkpoint
             for f in sorted([*work.rglob("results.json"), *work.rglob("log.txt")]):
                 tar.add(f, arcname=str(f.relative_to(work)))
