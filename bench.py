@@ -192,7 +192,8 @@ def run_method(script: str, argv: list[str], threads: int) -> None:
 
 def final_model(out: Path, config: dict, num_classes: int) -> ViT:
     """The deployable model of a finished run: rebuilt from its checkpoint, every LoRA folded and removed."""
-    args = flags.CLArgs(**{f.name: config.get(f.name, f.default) for f in dataclasses.fields(flags.CLArgs)})  # a newer flag: its default
+    # a flag newer than the run: its default, the behaviour the run had
+    args = flags.CLArgs(**{f.name: config.get(f.name, f.default) for f in dataclasses.fields(flags.CLArgs)})
     continual.seed_everything(args.seed)  # the frozen backbone's random initialisation, as in the run
     cfg, state, _ = continual.backbone_config(args)
     model = continual.build_model(cfg, state, num_classes, args.weights)
