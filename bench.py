@@ -139,7 +139,8 @@ SETS = {
         "TRM + ridge (own)": ("trm", RIDGE),
         "TRM + ridge (own), oracle": ("trm", RIDGE, "ridge/oracle"),
         **learner_rows("SeqLoRA", SEQLORA[0], [*SEQLORA[1], *ALIGN], STALE),
-        **learner_rows("frozen", "baselines", [*FROZEN, *ALIGN], {"align": None, "ridge": "ridge"}),
+        **learner_rows("frozen", "baselines", [*FROZEN, *ALIGN], {"align": None, "ridge": "ridge",
+                                                                 "plain ridge (M = 0)": "ridge0"}),
     },
     "ham": {
         "HAM": ("ham", []),
