@@ -116,7 +116,7 @@ def test_custom_preset_runs_the_table_on_the_flags_given(tmp_path):
     assert [r["method"] for r in rows] == ["frozen + align", "frozen + ridge"] and rows[0]["tasks"] == 4
     run = tmp_path / "runs_custom" / "T4" / "baselines_baseline_frozen_classifier_align" / "seed0" / "results.json"
     r = json.loads(run.read_text())  # one run serves both rows: ridge is kept beside the aligned head
-    assert r["config"]["rp_dim"] == 16 and r["config"]["compare_heads"] == "ridge,ncm"
+    assert r["config"]["rp_dim"] == 16 and r["config"]["compare_heads"] == "ridge,ncm,ridge0"
     assert rows[1]["A_last"][0] == r["heads"]["ridge"]["metrics"]["A_last"]
     assert (tmp_path / "methods_custom.md").exists()
 
