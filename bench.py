@@ -114,9 +114,11 @@ def learner_rows(label: str, script: str, flags: list[str], heads: dict[str, str
 
 BOTH = {"align": None, "ridge": "ridge"}  # the run's own head is align; RanPAC's head beside it
 STALE = {  # what stale statistics cost, and what a linear map of the drift wins back (the oracle is a diagnostic)
-    "align": None, "align, linear drift": "align/linear", "align, SDC": "align/sdc", "align, oracle": "align/oracle",
+    "align": None, "align, linear drift": "align/linear", "align, linear drift (held-out ridge)": "align/linear-cv",
+    "align, SDC": "align/sdc", "align, oracle": "align/oracle",
     "ridge": "ridge", "ridge, oracle": "ridge/oracle",
-    "plain ridge (M = 0)": "ridge0", "plain ridge, linear drift": "ridge0/linear", "plain ridge, oracle": "ridge0/oracle",
+    "plain ridge (M = 0)": "ridge0", "plain ridge, linear drift": "ridge0/linear",
+    "plain ridge, linear drift (held-out ridge)": "ridge0/linear-cv", "plain ridge, oracle": "ridge0/oracle",
 }
 # set -> label -> (script, extra flags[, head]); {tasks} is filled in. A row with a head reads that --compare-heads
 # entry of the run its script and flags make, so rows of one run share it. The first row of an ablation set is the

@@ -25,6 +25,7 @@ the methods keep no old data to refresh them with. `drift` says what happens to 
           images' features after it carries every stored statistic: mu -> mu A, Sigma -> A^T Sigma A,
           G -> A^T G A, Q -> A^T Q (exact for second-order statistics; a ReLU projection's G does not transform,
           so it serves align, ncm and ridge with M = 0);
+  linear-cv  the same map, its ridge toward the identity chosen by the error on held-out images of the task;
   oracle  a diagnostic, never a default: the statistics of every seen class are recomputed from all its
           training images under the current backbone. It uses old data, which no method keeps; the gap to it
           is what stale statistics cost.
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 CLASSIFIERS = ("linear", "align", "ncm", "ridge")
-DRIFT = ("none", "sdc", "linear", "oracle")  # what moves old statistics when the backbone changes
+DRIFT = ("none", "sdc", "linear", "linear-cv", "oracle")  # what moves old statistics when the backbone changes
 ALIGN_SAMPLES = 256  # features sampled per class and epoch, SLCA's num_sampled_pcls
 ALIGN_EPOCHS = 20  # SLCA uses 5 (ca_epochs) on 100 classes; with 10 classes 20 measured better (docs/deviations.md, deviation 24)
 ALIGN_LR = 0.01  # SGD, momentum 0.9, cosine-annealed over the epochs (SLCA)
@@ -46,6 +47,7 @@ ALIGN_LR = 0.01  # SGD, momentum 0.9, cosine-annealed over the epochs (SLCA)
 RIDGE = 1e-4
 RIDGE_LAMBDAS = tuple(10.0 ** k for k in range(-8, 9))  # RanPAC's grid for the ridge head's lambda
 FIT_SHARE = 0.8  # RanPAC: lambda is fitted on 80 % of the task's features and scored on the other 20 %
+MAP_RIDGES = tuple(RIDGE * 10.0 ** k for k in range(9))  # linear-cv: the linear map's ridge is chosen from these
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -186,7 +188,7 @@ def choose_lambda(h: Tensor, y: Tensor, lambdas: tuple[float, ...], gen: torch.G
     return lambdas[min(range(len(lambdas)), key=errors.__getitem__)], errors
 
 
-def linear_drift_map(before: Tensor, after: Tensor) -> Tensor:
+def linear_drift_map(before: Tensor, after: Tensor, ridge: float = RIDGE) -> Tensor:
     """A (D, D) minimising |before A - after|^2 + eps |A - I|^2: the linear map that carries features before a task to
     the same images' features after it (SLDC's transition operator, arXiv 2511.09926), rows as features.
 
@@ -198,7 +200,21 @@ def linear_drift_map(before: Tensor, after: Tensor) -> Tensor:
     b, a = before.double(), after.double()
     gram = b.T @ b
     eye = torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
-    return eye + torch.linalg.solve(gram + RIDGE * (gram.trace() / len(gram) + 1e-12) * eye, b.T @ (a - b))
+    return eye + torch.linalg.solve(gram + ridge * (gram.trace() / len(gram) + 1e-12) * eye, b.T @ (a - b))
+
+
+def choose_map_ridge(before: Tensor, after: Tensor, ridges: tuple[float, ...] = MAP_RIDGES) -> tuple[float, list[float]]:
+    """--drift linear-cv: the linear map's ridge (times the mean squared feature) that predicts the drift of held-out
+    images best: fitted on a seeded 80 % of the task's images, scored by the mean squared error of the other 20 %'s
+    features after the task. Large ridges tend to the identity (no drift), so the choice can fall back to it.
+    Returns the ridge and every candidate's error."""
+    # reconstructed: the 80/20 split of RanPAC's lambda rule, applied to the map's ridge (docs/deviations.md, deviation 30).
+    order = torch.randperm(len(before), generator=torch.Generator().manual_seed(0)).to(before.device)
+    n = int(len(before) * FIT_SHARE)
+    fit, val = order[:n], order[n:]
+    b, a = before.double(), after.double()
+    errors = [((b[val] @ linear_drift_map(b[fit], a[fit], r) - a[val]) ** 2).mean().item() for r in ridges]
+    return ridges[min(range(len(ridges)), key=errors.__getitem__)], errors
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -230,6 +246,7 @@ class Classifier:
         self.Q: Tensor | None = None  # (M, C) float64, ridge only: sum of h^T y
         self.ridge_weight: Tensor | None = None  # (M, C) float32: (G + lambda I)^-1 Q
         self.lam: float | None = None  # the last task's lambda
+        self.map_ridge: float | None = None  # linear-cv: the last task's ridge of the linear map
 
     @property
     def needs_features(self) -> bool:
@@ -238,7 +255,7 @@ class Classifier:
     @property
     def needs_features_before(self) -> bool:
         """Whether end_task_ wants the task's features under the backbone before the task as well."""
-        return self.needs_features and self.drift in ("sdc", "linear")
+        return self.needs_features and self.drift in ("sdc", "linear", "linear-cv")
 
     @property
     def needs_seen_features(self) -> bool:
@@ -294,6 +311,9 @@ class Classifier:
                 self.means = compensate_drift(self.means, before, features, labels)
             if old and self.drift == "linear":
                 self._transform(linear_drift_map(before, features))
+            if old and self.drift == "linear-cv":
+                self.map_ridge, _ = choose_map_ridge(before, features)
+                self._transform(linear_drift_map(before, features, self.map_ridge))
             h = self._add(features, labels, classes)
         if self.kind == "ncm":
             ncm_head_(self.weight, self.bias, self.means)
@@ -350,7 +370,7 @@ def head_problem(kind: str, drift: str, rp_dim: int) -> str | None:
         return f"the head {kind!r} with drift {drift!r} is not one of {CLASSIFIERS} with one of {DRIFT}"
     if kind == "ridge" and drift == "sdc":
         return "sdc moves class means, which the ridge head does not keep; use --drift linear (with --rp-dim 0) or none"
-    if kind == "ridge" and drift == "linear" and rp_dim:
+    if kind == "ridge" and drift in ("linear", "linear-cv") and rp_dim:
         return ("a linear drift map does not carry a ReLU projection's Gram matrix; use --rp-dim 0 (the plain ridge "
                 "head) with --drift linear")
     return None

@@ -4,10 +4,12 @@ import json
 
 import pytest
 import torch
+
+import classifier
 from hypothesis import given, strategies as st
 
 import continual
-from classifier import (Classifier, choose_lambda, class_statistics, linear_drift_map, one_hot, project,
+from classifier import (Classifier, choose_lambda, choose_map_ridge, class_statistics, linear_drift_map, one_hot, project,
                         ridge_solve)
 from conftest import TINY, learned, run_script
 from flags import CLArgs
@@ -195,3 +197,15 @@ def test_first_session_adapts_on_task_one_only(tmp_path):
     assert seq["accuracy_matrix"][-1] != first["accuracy_matrix"][-1]  # SeqLoRA's backbone moved on
     log = (tmp_path / "first" / "log.txt").read_text()
     assert log.count("nothing to train") == 3  # ridge replaces the head's rows: after task 1 nothing trains
+
+
+def test_the_held_out_ridge_fits_a_real_drift_and_falls_back_to_no_drift_on_noise():
+    g = torch.Generator().manual_seed(0)
+    before = torch.randn(400, 8, generator=g, dtype=torch.float64)
+    A = torch.eye(8, dtype=torch.float64) + 0.3 * torch.randn(8, 8, generator=g, dtype=torch.float64)
+    ridge, errors = choose_map_ridge(before, before @ A + 0.01 * torch.randn(400, 8, generator=g, dtype=torch.float64))
+    assert ridge <= 1e-2 and errors[0] < errors[-1]  # many images, a linear drift: the map is fitted
+    few = torch.randn(30, 64, generator=g, dtype=torch.float64)  # fewer images than dimensions, the "drift" noise
+    ridge, errors = choose_map_ridge(few, few + 0.5 * torch.randn(30, 64, generator=g, dtype=torch.float64))
+    # the map near the identity predicts held-out images best: a ridge 10,000 times the fixed one or more
+    assert ridge >= 1e4 * classifier.RIDGE and errors[classifier.MAP_RIDGES.index(ridge)] < errors[0]
