@@ -38,7 +38,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch._dynamo
 import torch.nn.functional as F
 
 import baselines
@@ -554,9 +553,8 @@ def torchvision_twin(cfg: ViTConfig):
                                                 num_classes=NUM_CLASSES)
 
 
-def training_step_fn(model, params, x: torch.Tensor, y: torch.Tensor, amp: bool, fused: bool | None = None):
-    """One step as the loop takes it (bf16 autocast, cross-entropy, Adam); fused None: PyTorch's default Adam."""
-    opt = torch.optim.Adam(params, lr=1e-4, fused=fused)
+def training_step_fn(model, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, amp: bool):
+    """One step as the loop takes it (bf16 autocast, cross-entropy, the optimiser's step)."""
 
     def step():
         continual.step_begin(model)
@@ -613,8 +611,8 @@ def speed(device: torch.device, backbone: str, batch: int, seconds: float = 2.0,
 
     ours = lora_vit(cfg, device)  # as a run trains it: --compile auto, the loop's Adam (continual.adam)
     compiled = continual.compile_blocks_(ours, "auto", device)
-    step = training_step_fn(ours, [p for p in ours.parameters() if p.requires_grad], x, y, amp,
-                            fused=True if device.type == "cuda" else None)
+    trained = [p for p in ours.parameters() if p.requires_grad]
+    step = training_step_fn(ours, continual.adam([{"params": trained}], 1e-4, device), x, y, amp)
     t = time_per_call(step, device, seconds, warmup=3)
     # frozen backbone: the backward pass computes activation gradients (one forward's worth) but no weight
     # gradients except LoRA's and the head's, so a step is about 2 forwards; full fine-tuning is about 3.
@@ -622,7 +620,8 @@ def speed(device: torch.device, backbone: str, batch: int, seconds: float = 2.0,
     out["lora_step"] = {"images_per_second": batch / t, "mfu": step_flops / t / peak, "compiled_blocks": compiled}
 
     tv = torchvision_twin(cfg).to(device)
-    t_full = time_per_call(training_step_fn(tv, list(tv.parameters()), x, y, amp), device, seconds)
+    t_full = time_per_call(training_step_fn(tv, torch.optim.Adam(tv.parameters(), lr=1e-4), x, y, amp), device,
+                           seconds)
     out["torchvision_full_step"] = {"images_per_second": batch / t_full,
                                     "mfu": 3 * batch * vit_forward_flops(cfg) / t_full / peak}
     out["lora_step_vs_torchvision_full_step"] = t_full / t
@@ -674,9 +673,9 @@ def levers(device: torch.device, backbone: str, batch: int, *, img_size: int = 0
                "backbone": backbone, "img_size": cfg.img_size, "batch": batch}
         try:
             model = lora_vit(cfg, device)
-            continual.compile_blocks_(model, mode, device)
-            torch._dynamo.config.suppress_errors = False  # here a compiler failure is the row's finding
-            step = training_step_fn(model, [p for p in model.parameters() if p.requires_grad], x, y, amp, fused)
+            continual.compile_blocks_(model, mode, device, eager_fallback=False)  # a failure is the row's finding
+            trained = [p for p in model.parameters() if p.requires_grad]
+            step = training_step_fn(model, torch.optim.Adam(trained, lr=1e-4, fused=fused), x, y, amp)
             with sdpa_kernel(getattr(SDPBackend, backend)) if backend else contextlib.nullcontext():
                 t0 = time.perf_counter()
                 for _ in range(3):
@@ -698,12 +697,27 @@ def levers(device: torch.device, backbone: str, batch: int, *, img_size: int = 0
 
 def synthetic_task(device: torch.device, img_size: int, batch: int, per_class: int, task: int = 0) -> TaskBatches:
     """Task `task` of synthetic CIFAR-shaped data (10 classes of per_class images), served as the loop serves it."""
-    seed = 0
-    data = split_data(make_synthetic(seed, per_class, 1), order=class_order(1993), tasks=10, train_per_class=per_class,
+    data = split_data(make_synthetic(0, per_class, 1), order=class_order(1993), tasks=10, train_per_class=per_class,
                       device=device)
-    gen, device_gen = continual.run_generators(seed, device)
+    gen, device_gen = continual.run_generators(0, device)
     return TaskBatches(data, task, batch_size=batch, img_size=img_size, normalize="imagenet", gen=gen,
                        device_gen=device_gen)
+
+
+def two_epochs(model: ViT, method: continual.Method, batches: TaskBatches, *, task: int, tasks: int,
+               amp: bool) -> list[float]:
+    """Seconds of two one-epoch calls of the loop (continual.train_task) on the task: the first compiles what it
+    needs, the second is the steady state."""
+    device = batches.data.train_x.device
+    clock = {"start": time.perf_counter(), "epochs_done": 0, "epochs_total": 2}
+    seconds = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        continual.train_task(model, method, batches, epochs=1, lr=1e-4, head_lr=1e-2, task=task, tasks=tasks,
+                             clock=clock, log=lambda line: None, amp=amp)
+        sync(device)
+        seconds.append(time.perf_counter() - t0)
+    return seconds
 
 
 def loop_images_per_second(device: torch.device, backbone: str, img_size: int, batch: int, compile_mode: str,
@@ -715,14 +729,7 @@ def loop_images_per_second(device: torch.device, backbone: str, img_size: int, b
     method = treelora.TreeLoRA(model, lam=0.0, lcb_c=0.0, grad_density=1.0, arm="tree")  # SeqLoRA
     mode = continual.compile_blocks_(model, compile_mode, device)
     batches = synthetic_task(device, img_size, batch, per_class)
-    clock = {"start": time.perf_counter(), "epochs_done": 0, "epochs_total": 2}
-    seconds = []
-    for _ in range(2):
-        t0 = time.perf_counter()
-        continual.train_task(model, method, batches, epochs=1, lr=1e-4, head_lr=1e-2, task=0, tasks=1, clock=clock,
-                             log=lambda line: None, amp=amp)
-        sync(device)
-        seconds.append(time.perf_counter() - t0)
+    seconds = two_epochs(model, method, batches, task=0, tasks=1, amp=amp)
     return {"backbone": backbone, "img_size": img_size, "batch": batch, "compile": mode,
             "images_per_second": len(batches.indices) / seconds[1], "first_epoch_seconds": seconds[0]}
 
@@ -742,13 +749,7 @@ def merge_against_training(device: torch.device, backbone: str, batch: int, *, i
     for task in (0, 1):
         batches = synthetic_task(device, cfg.img_size, batch, per_class, task=task)
         method.merge_steps = len(batches)  # one pass over the task's batches
-        clock = {"start": time.perf_counter(), "epochs_done": 0, "epochs_total": 2}
-        for timed in (False, True):
-            t0 = time.perf_counter()
-            continual.train_task(model, method, batches, epochs=1, lr=1e-4, head_lr=1e-2, task=task, tasks=2,
-                                 clock=clock, log=lambda line: None, amp=amp)
-            sync(device)
-            train_step = (time.perf_counter() - t0) / len(batches)
+        train_step = two_epochs(model, method, batches, task=task, tasks=2, amp=amp)[1] / len(batches)
         for epoch in range(1, snapshots):
             method.end_epoch(epoch)  # the snapshots 20 epochs leave (alike here: the cost is what is measured)
         info = method.end_task(task, batches, lambda line: None)
@@ -952,13 +953,15 @@ def speed_report(device: torch.device, stamp: str, out: Path, seconds: float = m
     if cuda and "merge" in parts and time.perf_counter() < deadline:
         merge = merge_against_training(device, "vit_b_16", 192, snapshots=20, compile_mode="off")  # both eager
         report["trm_merge"] = merge
-        steps_per_epoch = math.ceil(5000 / 192)  # the scripts' defaults: CIFAR-100 in 10 tasks, batch 192, 20 epochs
-        share = 20 * merge["merge_step_seconds"] / (20 * steps_per_epoch * merge["train_step_seconds"])
+        defaults = trm.Args()  # the scripts' defaults: merge steps, epochs, batch; CIFAR-100 in 10 tasks of 5,000 images
+        steps_per_epoch = math.ceil(5000 / defaults.batch_size)
+        share = (defaults.merge_steps * merge["merge_step_seconds"]
+                 / (defaults.epochs * steps_per_epoch * merge["train_step_seconds"]))
         merge["share_at_defaults"] = share
         say(f"\nTRM's merge (ViT-B/16, batch 192, 20 snapshots, eager): a merge step "
             f"{1e3 * merge['merge_step_seconds']:.1f} ms against a training step {1e3 * merge['train_step_seconds']:.1f} "
-            f"ms ({merge['merge_step_vs_train_step']:.2f}×); at the scripts' defaults (20 merge steps; 20 epochs of "
-            f"{steps_per_epoch} steps, CIFAR-100 in 10 tasks) the merge is {100 * share:.1f}% of a task's training "
+            f"ms ({merge['merge_step_vs_train_step']:.2f}×); at the scripts' defaults ({defaults.merge_steps} merge steps; "
+            f"{defaults.epochs} epochs of {steps_per_epoch} steps, CIFAR-100 in 10 tasks) the merge is {100 * share:.1f}% of a task's training "
             "(computed from these two step times)", md)
     rows = growth(device, backbone, task_counts=(5, 50)) if time.perf_counter() < deadline and "growth" in parts else []
     report["growth"] = rows

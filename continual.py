@@ -476,15 +476,16 @@ def adam(groups: list[dict], lr: float, device: torch.device) -> torch.optim.Ada
     return torch.optim.Adam(groups, lr=lr, fused=True if device.type == "cuda" else None)
 
 
-
-def compile_blocks_(model: ViT, mode: str, device: torch.device, backend: str = "inductor") -> str:
+def compile_blocks_(model: ViT, mode: str, device: torch.device, backend: str = "inductor",
+                    eager_fallback: bool = True) -> str:
     """--compile: torch.compile every transformer block in place, and return the mode used ('off': none).
 
     auto is default (inductor) on CUDA and off on the CPU, where a short run would spend more time compiling
     than it saves. The blocks share one forward, so one graph serves all of them (parameters are the graph's
     inputs); the methods' hooks stay outside it (penalties, gradient edits, merges) or are attributes of the
     LoRA layers that the compiled code guards on (HAM's importance and unit-norm B, TRM's functional_call), so
-    each such change recompiles once rather than going unseen. A part the compiler cannot take runs eagerly.
+    each such change recompiles once rather than going unseen. A part the compiler cannot take runs eagerly
+    (eager_fallback; bench.py's levers turn it off, so that a compiler failure is reported rather than timed).
     """
     mode = ("default" if device.type == "cuda" else "off") if mode == "auto" else mode
     if mode == "off":
@@ -494,7 +495,7 @@ def compile_blocks_(model: ViT, mode: str, device: torch.device, backend: str = 
     for name in ("recompile_limit", "cache_size_limit"):  # shapes x train/eval x the methods' attributes
         if hasattr(config, name):
             setattr(config, name, max(getattr(config, name), 64))
-    config.suppress_errors = True  # fall back to eager for what cannot be compiled, never stop the run
+    config.suppress_errors = eager_fallback  # in a run: fall back to eager for what cannot be compiled
     for block in model.blocks:
         block.compile(backend=backend, mode=None if mode == "default" or backend != "inductor" else mode, dynamic=True)
     model.compiled = mode  # step_begin() reads it
