@@ -114,11 +114,17 @@ def learner_rows(label: str, script: str, flags: list[str], heads: dict[str, str
 BOTH = {"align": None, "ridge": "ridge"}  # the run's own head is align; RanPAC's head beside it
 STALE = {  # what stale statistics cost, and what a linear map of the drift wins back (the oracle is a diagnostic)
     "align": None, "align, linear drift": "align/linear", "align, linear drift (held-out ridge)": "align/linear-cv",
-    "align, SDC": "align/sdc", "align, oracle": "align/oracle",
+    "align, linear drift (held-out class)": "align/linear-cls", "align, SDC": "align/sdc", "align, oracle": "align/oracle",
     "ridge": "ridge", "ridge, oracle": "ridge/oracle",
     "plain ridge (M = 0)": "ridge0", "plain ridge, linear drift": "ridge0/linear",
-    "plain ridge, linear drift (held-out ridge)": "ridge0/linear-cv", "plain ridge, oracle": "ridge0/oracle",
+    "plain ridge, linear drift (held-out ridge)": "ridge0/linear-cv",
+    "plain ridge, linear drift (held-out class)": "ridge0/linear-cls", "plain ridge, oracle": "ridge0/oracle",
 }
+# ADC pushes images through the backbone for every old class after every task: on 2 CPU cores it costs more than the
+# run's training, so its rows are runs of their own (the aligned head's remedies side by side with the oracle)
+ADC = {"align": None, "align, ADC": "align/adc", "align, ADC + linear map": "align/adc-linear",
+       "align, linear drift (held-out class)": "align/linear-cls", "align, oracle": "align/oracle"}
+ADC_RUN = ["--drift", "none"]  # the default, named: a run of its own, apart from the drift set's
 # set -> label -> (script, extra flags[, head]); {tasks} is filled in. A row with a head reads that --compare-heads
 # entry of the run its script and flags make, so rows of one run share it. The first row of an ablation set is the
 # method.
@@ -142,6 +148,11 @@ SETS = {
         **learner_rows("SeqLoRA", SEQLORA[0], [*SEQLORA[1], *ALIGN], STALE),
         **learner_rows("frozen", "baselines", [*FROZEN, *ALIGN], {"align": None, "ridge": "ridge",
                                                                  "plain ridge (M = 0)": "ridge0"}),
+    },
+    "adc": {  # ADC (deviation 38) beside the cheaper remedies, on the learners whose statistics go stale
+        **learner_rows("TreeLoRA (ADC run)", "treelora", [*ALIGN, *ADC_RUN], ADC),
+        **learner_rows("TRM (ADC run)", "trm", [*ALIGN, *ADC_RUN], ADC),
+        **learner_rows("SeqLoRA (ADC run)", SEQLORA[0], [*SEQLORA[1], *ALIGN, *ADC_RUN], ADC),
     },
     "ham": {
         "HAM": ("ham", []),

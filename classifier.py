@@ -26,11 +26,21 @@ the methods keep no old data to refresh them with. `drift` says what happens to 
           G -> A^T G A, Q -> A^T Q (exact for second-order statistics; a ReLU projection's G does not transform,
           so it serves align, ncm and ridge with M = 0);
   linear-cv  the same map, its ridge toward the identity chosen by the error on held-out images of the task;
+  linear-cls  the same map, its ridge chosen by how well the drift of one of the task's classes is predicted from the
+          task's other classes: the map is applied to classes it never saw, and this is the error it makes on one;
+  adc     adversarial drift compensation (ADC, Goswami et al. CVPR 2024, arXiv 2405.19074): for each old class, the
+          task's images nearest its mean are pushed by a few gradient steps until the backbone before the task gives
+          them features near that mean; the mean moves by how far the backbone after the task moves those images
+          (means only: align, ncm);
+  adc-linear  the linear map fitted on the task's images and ADC's pushed images together (with linear-cls's
+          ridge): the pushed images are evidence about where every old class lies, the map carries every statistic;
   oracle  a diagnostic, never a default: the statistics of every seen class are recomputed from all its
           training images under the current backbone. It uses old data, which no method keeps; the gap to it
           is what stale statistics cost.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -38,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 CLASSIFIERS = ("linear", "align", "ncm", "ridge")
-DRIFT = ("none", "sdc", "linear", "linear-cv", "oracle")  # what moves old statistics when the backbone changes
+DRIFT = ("none", "sdc", "linear", "linear-cv", "linear-cls", "adc", "adc-linear", "oracle")  # what moves old statistics when the backbone changes
 ALIGN_SAMPLES = 256  # features sampled per class and epoch, SLCA's num_sampled_pcls
 ALIGN_EPOCHS = 20  # SLCA uses 5 (ca_epochs) on 100 classes; with 10 classes 20 measured better (docs/deviations.md, deviation 24)
 ALIGN_LR = 0.01  # SGD, momentum 0.9, cosine-annealed over the epochs (SLCA)
@@ -48,6 +58,14 @@ RIDGE = 1e-4
 RIDGE_LAMBDAS = tuple(10.0 ** k for k in range(-8, 9))  # RanPAC's grid for the ridge head's lambda
 FIT_SHARE = 0.8  # RanPAC: lambda is fitted on 80 % of the task's features and scored on the other 20 %
 MAP_RIDGES = tuple(RIDGE * 10.0 ** k for k in range(9))  # linear-cv: the linear map's ridge is chosen from these
+CLASS_RIDGES = tuple(RIDGE * 10.0 ** (k / 2) for k in range(17))  # linear-cls, adc-linear: the same range, finer
+# reconstructed: ADC pushes 100 images per class (its sample_limit); our tasks have 300 to 600 (deviation 38)
+ADC_SAMPLES = 32
+ADC_STEPS = 3  # ADC's adv_epoch: gradient steps per pushed image
+# reconstructed: ADC steps alpha = 25 along the gradient of a batch of 100 CIFAR images normalised over the batch, about
+# 0.045 per input element (root mean square); we normalise per image at that size, so that one pass can push images
+# toward many classes at any resolution (docs/deviations.md, deviation 38).
+ADC_STEP = 25 / (100 * 3 * 32 * 32) ** 0.5
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -217,6 +235,67 @@ def choose_map_ridge(before: Tensor, after: Tensor, ridges: tuple[float, ...] = 
     return ridges[min(range(len(ridges)), key=errors.__getitem__)], errors
 
 
+def choose_map_ridge_by_class(before: Tensor, after: Tensor, labels: Tensor,
+                              ridges: tuple[float, ...] = CLASS_RIDGES) -> tuple[float, list[float]]:
+    """--drift linear-cls: the linear map's ridge that predicts best the drift of a class the map was not fitted on:
+    for each class, the map is fitted on the other classes' images and scored by the mean squared error of the
+    class's features after the task; errors are summed over the classes. Returns the ridge and every candidate's
+    error (the first candidate, the smallest ridge, with fewer than two classes)."""
+    # reconstructed: leave-one-class-out choice of the ridge (docs/deviations.md, deviation 30).
+    b, a = before.double(), after.double()
+    classes = labels.unique()
+    if len(classes) < 2:
+        return ridges[0], []
+    errors = [sum(((b[labels == k] @ linear_drift_map(b[labels != k], a[labels != k], r) - a[labels == k]) ** 2)
+                  .mean().item() for k in classes) for r in ridges]
+    return ridges[min(range(len(ridges)), key=errors.__getitem__)], errors
+
+
+def adversarial_pairs(means: Tensor, images: Tensor, prepare: Callable[[Tensor], Tensor], before: Tensor,
+                      old_features: Callable[[Tensor], Tensor], new_features: Callable[[Tensor], Tensor], *,
+                      per_class: int = ADC_SAMPLES, steps: int = ADC_STEPS, step: float = ADC_STEP,
+                      chunk: int = 256) -> tuple[Tensor, Tensor, Tensor]:
+    """ADC's evidence about where old classes went (Goswami et al. CVPR 2024, Alg. 1).
+
+    means: (C, D) old classes' means in the space of the backbone before the task; images: (N, ...) the task's
+    training images as stored (uint8) and prepare: a batch of them -> the model's input; before: (N, D) their
+    features before the task; old_features, new_features: the backbone before and after the task, model input ->
+    (B, D) float32. For each class, its per_class nearest images (by `before`) take `steps` steps of `step` per input
+    element (root mean square) down the gradient of |old_features(x) - mean|^2, kept within the valid images' range;
+    those that the nearest-mean rule of the old space then gives to the class are kept. Returns their classes (K,),
+    old features (K, D) and new features (K, D), float32.
+    """
+    C, k = len(means), min(per_class, len(images))
+    nearest = torch.cdist(means.float(), before.float()).topk(k, dim=1, largest=False).indices.flatten()  # (C k,)
+    target = torch.arange(C, device=means.device).repeat_interleave(k)
+    lo, hi = prepare(torch.zeros_like(images[:1])), prepare(torch.full_like(images[:1], 255))  # the pixel range
+    lo, hi = torch.minimum(lo, hi), torch.maximum(lo, hi)
+    kept_target, kept_old, kept_new = [], [], []
+    for s in range(0, len(nearest), chunk):  # images are pushed independently: a chunk at a time bounds memory
+        x, y = prepare(images[nearest[s:s + chunk]]), target[s:s + chunk]
+        size = step * x[0].numel() ** 0.5
+        for _ in range(steps):
+            x.requires_grad_(True)
+            with torch.enable_grad():
+                grad, = torch.autograd.grad((old_features(x) - means[y].float()).pow(2).sum(), x)
+            norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (grad.dim() - 1))
+            x = torch.maximum(torch.minimum(x.detach() - size * grad / norm, hi), lo)
+        old = old_features(x).detach().float()
+        kept = torch.cdist(old.double(), means.double()).argmin(1) == y
+        kept_target.append(y[kept])
+        kept_old.append(old[kept])
+        kept_new.append(new_features(x[kept]).detach().float() if kept.any() else old[kept])
+    return torch.cat(kept_target), torch.cat(kept_old), torch.cat(kept_new)
+
+
+def adversarial_means(means: Tensor, target: Tensor, old: Tensor, new: Tensor) -> Tensor:
+    """ADC's moved means: each class with kept pushed images moves by their mean drift new - old; others stay."""
+    drift = torch.zeros_like(means, dtype=torch.float64).index_add_(0, target, (new - old).double())
+    count = torch.zeros(len(means), dtype=torch.float64, device=means.device).index_add_(
+        0, target, torch.ones_like(target, dtype=torch.float64))
+    return (means.double() + drift / count.clamp_min(1)[:, None]).float()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The head's state across tasks
 
@@ -255,7 +334,12 @@ class Classifier:
     @property
     def needs_features_before(self) -> bool:
         """Whether end_task_ wants the task's features under the backbone before the task as well."""
-        return self.needs_features and self.drift in ("sdc", "linear", "linear-cv")
+        return self.needs_features and self.drift not in ("none", "oracle")
+
+    @property
+    def needs_backbone_before(self) -> bool:
+        """Whether end_task_ wants a probe of the backbone before the task (ADC pushes images through it)."""
+        return self.needs_features and self.drift in ("adc", "adc-linear")
 
     @property
     def needs_seen_features(self) -> bool:
@@ -269,6 +353,9 @@ class Classifier:
             G, Q = h.T @ h, h.T @ one_hot(labels, classes)  # (M, M), (M, C)
             self.G = G if self.G is None else self.G + G
             self.Q = Q if self.Q is None else F.pad(self.Q, (0, Q.shape[1] - self.Q.shape[1])) + Q  # new columns
+            if self.needs_backbone_before:  # ADC pushes images toward the classes' means
+                means = ncm_means(features, labels, classes)
+                self.means = means if self.means is None else torch.cat([self.means, means])
             return h
         if self.kind == "ncm":
             means, factors = ncm_means(features, labels, classes), None
@@ -282,19 +369,22 @@ class Classifier:
         """Carry the stored statistics through the linear map f -> f A (features as rows)."""
         if self.kind == "ridge":
             self.G, self.Q = A.T @ self.G @ A, A.T @ self.Q
-            return
-        self.means = (self.means.double() @ A).float()
+        if self.means is not None:
+            self.means = (self.means.double() @ A).float()
         if self.factors is not None:  # Sigma = L L^T -> A^T Sigma A = (A^T L)(A^T L)^T: A^T L is a square root
             self.factors = (A.T @ self.factors.double()).float()
 
     @torch.no_grad()
     def end_task_(self, features: Tensor, labels: Tensor, classes: range, gen: torch.Generator,
-                  before: Tensor | None = None, seen: list[tuple[Tensor, Tensor, range]] | None = None) -> None:
+                  before: Tensor | None = None, seen: list[tuple[Tensor, Tensor, range]] | None = None,
+                  probe: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]] | None = None) -> None:
         """Add the task's classes' statistics (features: (N, D) of the task's training images, labels global) and
         rewrite the head's rows of every seen class.
 
-        before: the same images' features under the backbone before the task (sdc, linear); seen: (features,
-        labels, classes) of every seen task under the current backbone, this one included and last (oracle).
+        before: the same images' features under the backbone before the task (every remedy); seen: (features,
+        labels, classes) of every seen task under the current backbone, this one included and last (oracle);
+        probe: old classes' means -> ADC's pushed images' (classes, features before, features after)
+        (adversarial_pairs with the task's images and both backbones; adc, adc-linear).
         """
         if self.kind == "linear":
             return
@@ -314,6 +404,17 @@ class Classifier:
             if old and self.drift == "linear-cv":
                 self.map_ridge, _ = choose_map_ridge(before, features)
                 self._transform(linear_drift_map(before, features, self.map_ridge))
+            if old and self.drift == "linear-cls":
+                self.map_ridge, _ = choose_map_ridge_by_class(before, features, labels)
+                self._transform(linear_drift_map(before, features, self.map_ridge))
+            if old and self.drift == "adc":
+                self.means = adversarial_means(self.means, *probe(self.means))
+            if old and self.drift == "adc-linear":  # the pushed images count as classes of their own in the choice
+                target, pushed_before, pushed_after = probe(self.means)
+                b, a = torch.cat([before, pushed_before]), torch.cat([features, pushed_after])
+                y = torch.cat([labels, target + classes.stop])
+                self.map_ridge, _ = choose_map_ridge_by_class(b, a, y)
+                self._transform(linear_drift_map(b, a, self.map_ridge))
             h = self._add(features, labels, classes)
         if self.kind == "ncm":
             ncm_head_(self.weight, self.bias, self.means)
@@ -368,9 +469,10 @@ def head_problem(kind: str, drift: str, rp_dim: int) -> str | None:
     """Why a head and a drift treatment do not go together, as one sentence, or None."""
     if kind not in CLASSIFIERS or drift not in DRIFT:
         return f"the head {kind!r} with drift {drift!r} is not one of {CLASSIFIERS} with one of {DRIFT}"
-    if kind == "ridge" and drift == "sdc":
-        return "sdc moves class means, which the ridge head does not keep; use --drift linear (with --rp-dim 0) or none"
-    if kind == "ridge" and drift in ("linear", "linear-cv") and rp_dim:
+    if kind == "ridge" and drift in ("sdc", "adc"):
+        return (f"{drift} moves class means, which the ridge head does not keep; use --drift linear-cls or adc-linear "
+                "(with --rp-dim 0) or none")
+    if kind == "ridge" and drift in ("linear", "linear-cv", "linear-cls", "adc-linear") and rp_dim:
         return ("a linear drift map does not carry a ReLU projection's Gram matrix; use --rp-dim 0 (the plain ridge "
                 "head) with --drift linear")
     return None

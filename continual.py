@@ -23,6 +23,7 @@ import sys
 import time
 import traceback
 import warnings
+from copy import deepcopy
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -33,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from classifier import Classifier
+from classifier import Classifier, adversarial_pairs
 from data import (SplitData, UserError, class_order, domain_class_order, domain_task_layout, load_cifar100,
                   load_fashion_mnist, make_synthetic, read_image_folder, split_data, with_domains)
 from flags import CLArgs, bf16_autocast, domain_task_counts, normalization_values, parse_heads, parse_lambdas
@@ -373,6 +374,35 @@ def task_features(model: ViT, data: SplitData, task: int, *, batch_size: int, im
                                                                normalize)).float())
     model.train()
     return torch.cat(feats), data.train_y[idx]
+
+
+def frozen_copy(model: ViT) -> ViT:
+    """The model as it is now, in evaluation mode and without gradients of its own: the backbone before a task."""
+    copy = deepcopy(model).eval()
+    copy.requires_grad_(False)
+    return copy
+
+
+def adversarial_probe(old_model: ViT, model: ViT, data: SplitData, task: int, before: Tensor, *, batch_size: int,
+                      img_size: int, normalize: str, amp: bool) -> Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]:
+    """ADC's probe for a head (classifier.adversarial_pairs): old classes' means -> the task's images pushed toward
+    them through the backbone before the task, as (classes, features before, features after)."""
+    def features(m: ViT) -> Callable[[Tensor], Tensor]:
+        def f(x: Tensor) -> Tensor:
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+                return m.forward_features(x).float()
+        return f
+
+    images = data.train_x[data.train_indices(task)]
+
+    def probe(means: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        model.eval()
+        try:
+            return adversarial_pairs(means, images, lambda x: to_model_input(x, img_size, normalize), before,
+                                     features(old_model), features(model), chunk=batch_size)
+        finally:
+            model.train()
+    return probe
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -784,25 +814,33 @@ def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, 
                               amp=amp)
             needs_before = any(h.needs_features_before for h in heads) and task
             before = task_features(model, data, task, **feature_kw)[0] if needs_before else None
+            # ADC pushes images through the backbone as it was before the task: a frozen copy (not training)
+            t1 = time.perf_counter()
+            old_model = frozen_copy(model) if needs_before and any(h.needs_backbone_before for h in heads) else None
+            copy_seconds = time.perf_counter() - t1
             trainable = train_task(model, method, batches, epochs=args.epochs, lr=args.lr,
                                    head_lr=args.head_lr or args.lr, task=task,
                                    tasks=args.tasks, clock=clock, log=log, amp=amp)
             t0 = time.perf_counter()
             info = method.end_task(task, batches, log)
-            compare_seconds = 0.0  # the heads kept beside the run's and the oracle's extra passes: not training
+            compare_seconds = copy_seconds  # the heads beside the run's, the oracle's and ADC's passes: not training
             if any(h.needs_features for h in heads):  # the head's treatment, the same for every method (classifier.py)
                 feats, labels = task_features(model, data, task, **feature_kw)
                 t1 = time.perf_counter()
+                probe = None if old_model is None else adversarial_probe(old_model, model, data, task, before,
+                                                                          **feature_kw)
                 seen = None
                 if any(h.needs_seen_features for h in heads):  # the oracle: every seen task under today's backbone
                     seen = [(*task_features(model, data, j, **feature_kw), range(*data.task_range(j)))
                             for j in range(task)] + [(feats, labels, batches.classes)]
                 if not head.needs_seen_features:
                     compare_seconds += time.perf_counter() - t1
-                head.end_task_(feats, labels, batches.classes, head_generator(args.seed, task, device), before, seen)
+                head.end_task_(feats, labels, batches.classes, head_generator(args.seed, task, device), before, seen,
+                               probe)
                 t1 = time.perf_counter()
                 for h in beside.values():
-                    h.end_task_(feats, labels, batches.classes, head_generator(args.seed, task, device), before, seen)
+                    h.end_task_(feats, labels, batches.classes, head_generator(args.seed, task, device), before, seen,
+                                probe)
                 compare_seconds += time.perf_counter() - t1
             if head.lam is not None:
                 info["ridge_lambda"] = head.lam

@@ -96,8 +96,12 @@ class CLArgs:
                              "(align, ncm: means follow the drift of each new task's images); linear (a least-"
                              "squares map of the new task's features before to after the task carries them; align, "
                              "ncm, ridge with --rp-dim 0); linear-cv (the same map, its ridge chosen by the error on "
-                             "held-out images of the task); oracle (a diagnostic that uses old data: recomputed from "
-                             "every seen class's training images under the current backbone)", choices=DRIFT)
+                             "held-out images of the task); linear-cls (its ridge chosen by the error on a held-out "
+                             "class of the task); adc (align, ncm: each old mean moves by the drift of the task's "
+                             "images pushed toward it through the backbone before the task); adc-linear (the map "
+                             "fitted on the task's and the pushed images); oracle (a diagnostic that uses old data: "
+                             "recomputed from every seen class's training images under the current backbone)",
+                     choices=DRIFT)
     rp_dim: int = arg(2000, "ridge: the random projection's width M (0: the plain ridge head on the features)")
     ridge_lambdas: str = arg("1e-8:1e8", "ridge: the grid lambda is chosen from after each task, as LO:HI (every "
                                          "power of ten between) or a comma-separated list of positive numbers")

@@ -4,12 +4,14 @@ import json
 
 import pytest
 import torch
+import torch.nn as nn
 
 import classifier
 from hypothesis import given, strategies as st
 
 import continual
-from classifier import (Classifier, choose_lambda, choose_map_ridge, class_statistics, linear_drift_map, one_hot, project,
+from classifier import (Classifier, adversarial_means, adversarial_pairs, choose_lambda, choose_map_ridge,
+                        choose_map_ridge_by_class, class_statistics, linear_drift_map, one_hot, project,
                         ridge_solve)
 from conftest import TINY, learned, run_script
 from flags import CLArgs
@@ -209,3 +211,104 @@ def test_the_held_out_ridge_fits_a_real_drift_and_falls_back_to_no_drift_on_nois
     ridge, errors = choose_map_ridge(few, few + 0.5 * torch.randn(30, 64, generator=g, dtype=torch.float64))
     # the map near the identity predicts held-out images best: a ridge 10,000 times the fixed one or more
     assert ridge >= 1e4 * classifier.RIDGE and errors[classifier.MAP_RIDGES.index(ridge)] < errors[0]
+
+
+def test_the_class_held_out_ridge_fits_a_shared_drift_and_keeps_classes_that_drift_alone():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(4).repeat_interleave(100)
+    before = torch.randn(400, 8, generator=g, dtype=torch.float64) + 3 * torch.randn(4, 8, generator=g,
+                                                                                      dtype=torch.float64)[labels]
+    A = torch.eye(8, dtype=torch.float64) + 0.3 * torch.randn(8, 8, generator=g, dtype=torch.float64)
+    ridge, errors = choose_map_ridge_by_class(before, before @ A, labels)
+    assert ridge == classifier.CLASS_RIDGES[0] and errors[0] < errors[-1]  # one map for every class: fitted
+    # each class moves by an offset of its own: another class's drift says nothing, the identity predicts best
+    after = before + 2 * torch.randn(4, 8, generator=g, dtype=torch.float64)[labels]
+    ridge, errors = choose_map_ridge_by_class(before, after, labels)
+    assert ridge == classifier.CLASS_RIDGES[-1] and errors[-1] < errors[0]
+    # the errors are the held-out classes' mean squared errors, summed (brute force for one candidate)
+    r = classifier.CLASS_RIDGES[3]
+    want = sum(((before[labels == k] @ linear_drift_map(before[labels != k], after[labels != k], r)
+                 - after[labels == k]) ** 2).mean().item() for k in range(4))
+    assert errors[3] == pytest.approx(want, rel=1e-9)
+    assert choose_map_ridge_by_class(before[:100], after[:100], labels[:100]) == (classifier.CLASS_RIDGES[0], [])
+
+
+def _linear_backbones(D: int = 6, pixels: int = 12, seed: int = 0):
+    """A 'backbone' before the task, x -> x W, and after it, x -> x W + delta: every image drifts by delta."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(pixels, D, generator=g, dtype=torch.float64) / pixels ** 0.5
+    delta = torch.randn(D, generator=g, dtype=torch.float64)
+    old = lambda x: x.flatten(1).double() @ W
+    return old, (lambda x: old(x) + delta), delta, g
+
+
+def test_adversarial_pairs_push_images_toward_each_mean_and_measure_their_drift():
+    old, new, delta, g = _linear_backbones()
+    images = torch.randint(0, 256, (40, 3, 2, 2), generator=g, dtype=torch.uint8)
+    prepare = lambda x: (x.double() / 255 - 0.5) / 0.25  # uint8 -> the model's input, range [-2, 2]
+    before = old(prepare(images))
+    means = before[[0, 1, 2]] + 0.2 * torch.randn(3, 6, generator=g, dtype=torch.float64)
+    target, f_old, f_new = adversarial_pairs(means, images, prepare, before, old, new, per_class=5, steps=3,
+                                             step=0.05, chunk=4)
+    assert len(target) > 0 and set(target.tolist()) <= {0, 1, 2}
+    assert torch.allclose(f_new - f_old, delta.float().expand_as(f_old), atol=1e-5)  # each kept image's drift
+    assert (torch.cdist(f_old.double(), means).argmin(1) == target).all()  # kept: the old nearest mean is its class
+    # the pushed images are nearer their class's mean than the images they started from
+    start = torch.cdist(means, before).topk(5, dim=1, largest=False).values.mean(1)
+    after = torch.stack([(f_old[target == c] - means[c]).norm(dim=1).mean() for c in target.unique()])
+    assert (after < start[target.unique()]).all()
+    none, *_ = adversarial_pairs(means, images, prepare, before, old, new, per_class=5, steps=0, chunk=4)
+    assert len(none) <= len(target)  # no steps: fewer images reach their class
+
+
+def test_adversarial_means_move_a_class_by_its_pushed_images_drift_and_leave_the_others():
+    means = torch.zeros(3, 2)
+    target = torch.tensor([0, 0, 2])
+    old = torch.tensor([[0.0, 0.0], [1.0, 1.0], [5.0, 5.0]])
+    new = old + torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, -2.0]])
+    moved = adversarial_means(means, target, old, new)
+    assert torch.equal(moved, torch.tensor([[2.0, 0.0], [0.0, 0.0], [0.0, -2.0]]))
+
+
+@pytest.mark.parametrize("drift", ["adc", "adc-linear", "linear-cls"])
+def test_a_remedy_moves_old_statistics_by_the_drift_it_is_shown(drift):
+    """Every image's feature f moves to f A (the task's images and the pushed ones alike): the old means move to
+    about mean A; adc by the pushed images' mean drift, the maps by the map fitted on the task's images."""
+    g = torch.Generator().manual_seed(1)
+    D = 5
+    A = torch.eye(D) + 0.2 * torch.randn(D, D, generator=g)
+    centres = 4 * torch.randn(4, D, generator=g)
+    labels = torch.arange(4).repeat_interleave(40)
+    feats = centres[labels] + torch.randn(160, D, generator=g)
+    c = Classifier("ncm", nn.Linear(D, 4), drift)
+    c.end_task_(feats[:80], labels[:80], range(0, 2), g)
+    old_means = c.means.clone()
+    calls = []
+
+    def probe(means):
+        calls.append(means.clone())
+        target = torch.arange(len(means)).repeat_interleave(10)
+        pushed = means[target] + 0.01 * torch.randn(len(target), D, generator=g)
+        return target, pushed, pushed @ A
+
+    c.end_task_(feats[80:] @ A, labels[80:], range(2, 4), g, before=feats[80:], probe=probe)
+    assert len(calls) == drift.startswith("adc") and (not calls or torch.equal(calls[0], old_means))
+    assert torch.allclose(c.means[:2], old_means @ A, atol=0.05 if drift == "adc" else 0.3)
+    assert not torch.allclose(old_means, old_means @ A, atol=0.3)  # the drift is larger than the tolerance
+
+
+def test_adc_heads_run_beside_a_run_without_changing_it(tmp_path):
+    """ADC's heads push images through a frozen copy of the backbone before each task: the run itself (its own
+    head, its weights) is the run without them, and the pushed images move the heads' old means."""
+    argv = [*TINY, "--tasks", "2", "--epochs", "1", "--train-per-class", "2", "--classifier", "ncm"]
+    run_script("treelora", [*argv, "--out", str(tmp_path / "plain")])
+    run_script("treelora", [*argv, "--compare-heads", "ncm/adc,ridge0/adc-linear", "--out", str(tmp_path / "adc")])
+    plain, adc = (json.loads((tmp_path / k / "results.json").read_text()) for k in ("plain", "adc"))
+    assert adc["accuracy_matrix"] == plain["accuracy_matrix"]
+    assert adc["heads"]["ncm/adc"]["accuracy_matrix"][0] == adc["accuracy_matrix"][0]  # task 1: nothing to move yet
+    assert adc["heads"]["ridge0/adc-linear"]["accuracy_matrix"][1][0] is not None
+    c_plain, c_adc = (torch.load(tmp_path / k / continual.CHECKPOINT, weights_only=True) for k in ("plain", "adc"))
+    assert all(torch.equal(c_plain["model"][k], v) for k, v in c_adc["model"].items())
+    moved, stale = c_adc["compare_heads"]["ncm/adc"]["means"], c_adc["classifier"]["means"]
+    assert moved.shape == stale.shape and not torch.equal(moved[:50], stale[:50])  # old classes moved
+    assert torch.equal(moved[50:], stale[50:])  # the newest task's classes: taken under today's backbone
