@@ -121,9 +121,11 @@ STALE = {  # what stale statistics cost, and what a linear map of the drift wins
     "plain ridge, linear drift (held-out class)": "ridge0/linear-cls", "plain ridge, oracle": "ridge0/oracle",
 }
 # ADC pushes images through the backbone for every old class after every task: on 2 CPU cores it costs more than the
-# run's training, so its rows are runs of their own (the aligned head's remedies side by side with the oracle)
+# run's training, so its rows are runs of their own (the aligned head's remedies and RanPAC's head rebuilt from moved
+# Gaussians, side by side with the oracle)
 ADC = {"align": None, "align, ADC": "align/adc", "align, ADC + linear map": "align/adc-linear",
-       "align, linear drift (held-out class)": "align/linear-cls", "align, oracle": "align/oracle"}
+       "align, linear drift (held-out class)": "align/linear-cls", "align, oracle": "align/oracle",
+       "ridge": "ridge", "ridge, linear drift (held-out class)": "ridge/linear-cls", "ridge, oracle": "ridge/oracle"}
 ADC_RUN = ["--drift", "none"]  # the default, named: a run of its own, apart from the drift set's
 # set -> label -> (script, extra flags[, head]); {tasks} is filled in. A row with a head reads that --compare-heads
 # entry of the run its script and flags make, so rows of one run share it. The first row of an ablation set is the

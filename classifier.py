@@ -251,6 +251,26 @@ def choose_map_ridge_by_class(before: Tensor, after: Tensor, labels: Tensor,
     return ridges[min(range(len(ridges)), key=errors.__getitem__)], errors
 
 
+def gaussian_gram(means: Tensor, factors: Tensor, counts: Tensor, projection: Tensor | None,
+                  gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """The ridge head's sums G = sum h^T h and Q = sum h^T y over old classes, regenerated from their Gaussians.
+
+    Class c contributes counts[c] draws f ~ N(means[c], L_c L_c^T) (factors[c] = L_c), each through h = project(f).
+    A map of the features moves a Gaussian exactly but not G through a ReLU projection: the ridge head keeps each
+    class's Gaussian and rebuilds G and Q from it after a remedy has moved it. Returns G (M, M) and Q (M, C),
+    float64.
+    """
+    G = Q = None
+    for c in range(len(means)):  # a class at a time: classes may differ in their counts
+        f, _ = sample_features(means[c:c + 1], factors[c:c + 1], int(counts[c]), gen)
+        h = project(f, projection)
+        col = torch.zeros(len(means), dtype=torch.float64, device=h.device)
+        col[c] = 1
+        g, q = h.T @ h, h.sum(0)[:, None] * col[None, :]
+        G, Q = (g, q) if G is None else (G + g, Q + q)
+    return G, Q
+
+
 def adversarial_pairs(means: Tensor, images: Tensor, prepare: Callable[[Tensor], Tensor], before: Tensor,
                       old_features: Callable[[Tensor], Tensor], new_features: Callable[[Tensor], Tensor], *,
                       per_class: int = ADC_SAMPLES, steps: int = ADC_STEPS, step: float = ADC_STEP,
@@ -310,7 +330,7 @@ class Classifier:
 
     def __init__(self, kind: str, head: nn.Linear, drift: str = "none", *, own: bool = False,
                  projection: Tensor | None = None, lambdas: tuple[float, ...] = RIDGE_LAMBDAS):
-        problem = head_problem(kind, drift, 0 if projection is None else projection.shape[1])
+        problem = head_problem(kind, drift)
         if problem:
             raise ValueError(problem)
         if kind == "ridge" and not lambdas:
@@ -320,7 +340,8 @@ class Classifier:
         self.weight = head.weight.detach().clone() if own else head.weight.data  # (classes, D)
         self.bias = head.bias.detach().clone() if own else head.bias.data
         self.means: Tensor | None = None  # (C, D), classes in the order of the head's rows
-        self.factors: Tensor | None = None  # (C, D, D), align only
+        self.factors: Tensor | None = None  # (C, D, D), align, and ridge with a Gaussian-regenerated G
+        self.counts: Tensor | None = None  # (C,) images per class, ridge with a Gaussian-regenerated G
         self.G: Tensor | None = None  # (M, M) float64, ridge only: sum of h^T h over every seen image
         self.Q: Tensor | None = None  # (M, C) float64, ridge only: sum of h^T y
         self.ridge_weight: Tensor | None = None  # (M, C) float32: (G + lambda I)^-1 Q
@@ -330,6 +351,14 @@ class Classifier:
     @property
     def needs_features(self) -> bool:
         return self.kind != "linear"
+
+    @property
+    def regenerates(self) -> bool:
+        """Whether the ridge head rebuilds old classes' G and Q from their Gaussians after a remedy moved them
+        (gaussian_gram): when only means move (sdc, adc), or a map meets a ReLU projection, which G cannot follow.
+        The plain ridge head (M = 0) under a linear map carries G exactly instead."""
+        return self.kind == "ridge" and (self.drift in ("sdc", "adc") or (
+            self.drift in ("linear", "linear-cv", "linear-cls", "adc-linear") and self.projection is not None))
 
     @property
     def needs_features_before(self) -> bool:
@@ -353,9 +382,16 @@ class Classifier:
             G, Q = h.T @ h, h.T @ one_hot(labels, classes)  # (M, M), (M, C)
             self.G = G if self.G is None else self.G + G
             self.Q = Q if self.Q is None else F.pad(self.Q, (0, Q.shape[1] - self.Q.shape[1])) + Q  # new columns
-            if self.needs_backbone_before:  # ADC pushes images toward the classes' means
+            if self.regenerates:  # each class's Gaussian, which a remedy moves and G is rebuilt from
+                means, factors = class_statistics(features, labels, classes)
+                counts = torch.bincount(labels - classes.start, minlength=len(classes)).to(torch.float64)
+                self.factors = factors if self.factors is None else torch.cat([self.factors, factors])
+                self.counts = counts if self.counts is None else torch.cat([self.counts, counts])
+            elif self.needs_backbone_before:  # ADC pushes images toward the classes' means
                 means = ncm_means(features, labels, classes)
-                self.means = means if self.means is None else torch.cat([self.means, means])
+            else:
+                return h
+            self.means = means if self.means is None else torch.cat([self.means, means])
             return h
         if self.kind == "ncm":
             means, factors = ncm_means(features, labels, classes), None
@@ -367,7 +403,7 @@ class Classifier:
 
     def _transform(self, A: Tensor) -> None:
         """Carry the stored statistics through the linear map f -> f A (features as rows)."""
-        if self.kind == "ridge":
+        if self.kind == "ridge" and not self.regenerates:
             self.G, self.Q = A.T @ self.G @ A, A.T @ self.Q
         if self.means is not None:
             self.means = (self.means.double() @ A).float()
@@ -393,7 +429,7 @@ class Classifier:
             self.bias[classes.start:classes.stop] = self.head.bias[classes.start:classes.stop]
         old = self.G is not None or self.means is not None
         if self.drift == "oracle":
-            self.means = self.factors = self.G = self.Q = None
+            self.means = self.factors = self.counts = self.G = self.Q = None
             for f, y, c in seen:
                 h = self._add(f, y, c)  # the last is this task's
         else:
@@ -415,6 +451,8 @@ class Classifier:
                 y = torch.cat([labels, target + classes.stop])
                 self.map_ridge, _ = choose_map_ridge_by_class(b, a, y)
                 self._transform(linear_drift_map(b, a, self.map_ridge))
+            if old and self.regenerates:
+                self.G, self.Q = gaussian_gram(self.means, self.factors, self.counts, self.projection, gen)
             h = self._add(features, labels, classes)
         if self.kind == "ncm":
             ncm_head_(self.weight, self.bias, self.means)
@@ -434,10 +472,10 @@ class Classifier:
 
     def stored_tensors(self) -> list[Tensor]:
         """What the head keeps between tasks: means (and covariance factors), or G and Q."""
-        return [t for t in (self.means, self.factors, self.G, self.Q) if t is not None]
+        return [t for t in (self.means, self.factors, self.counts, self.G, self.Q) if t is not None]
 
     def state_dict(self) -> dict:
-        state = {"means": self.means, "factors": self.factors, "G": self.G, "Q": self.Q,
+        state = {"means": self.means, "factors": self.factors, "counts": self.counts, "G": self.G, "Q": self.Q,
                  "ridge_weight": self.ridge_weight, "lam": self.lam}
         if self.own:
             state.update(weight=self.weight, bias=self.bias)
@@ -445,8 +483,9 @@ class Classifier:
 
     def load_state_dict(self, state: dict) -> None:
         device = self.weight.device
-        for key in ("means", "factors", "G", "Q", "ridge_weight"):
-            setattr(self, key, None if state[key] is None else state[key].to(device))
+        for key in ("means", "factors", "counts", "G", "Q", "ridge_weight"):
+            value = state.get(key)  # counts: absent from checkpoints written before the ridge head kept Gaussians
+            setattr(self, key, None if value is None else value.to(device))
         self.lam = state["lam"]
         if self.own:
             self.weight.copy_(state["weight"])
@@ -465,14 +504,8 @@ class RidgeHead(nn.Module):
         return ridge_logits(features, self.projection, self.weight)
 
 
-def head_problem(kind: str, drift: str, rp_dim: int) -> str | None:
+def head_problem(kind: str, drift: str) -> str | None:
     """Why a head and a drift treatment do not go together, as one sentence, or None."""
     if kind not in CLASSIFIERS or drift not in DRIFT:
         return f"the head {kind!r} with drift {drift!r} is not one of {CLASSIFIERS} with one of {DRIFT}"
-    if kind == "ridge" and drift in ("sdc", "adc"):
-        return (f"{drift} moves class means, which the ridge head does not keep; use --drift linear-cls or adc-linear "
-                "(with --rp-dim 0) or none")
-    if kind == "ridge" and drift in ("linear", "linear-cv", "linear-cls", "adc-linear") and rp_dim:
-        return ("a linear drift map does not carry a ReLU projection's Gram matrix; use --rp-dim 0 (the plain ridge "
-                "head) with --drift linear")
     return None

@@ -93,14 +93,15 @@ class CLArgs:
                                    "to the class-mean features) or ridge (RanPAC: ridge regression on a random "
                                    "ReLU projection of the features)", choices=CLASSIFIERS)
     drift: str = arg("none", "what moves old classes' statistics when the backbone changes: nothing (none); sdc "
-                             "(align, ncm: means follow the drift of each new task's images); linear (a least-"
-                             "squares map of the new task's features before to after the task carries them; align, "
-                             "ncm, ridge with --rp-dim 0); linear-cv (the same map, its ridge chosen by the error on "
-                             "held-out images of the task); linear-cls (its ridge chosen by the error on a held-out "
-                             "class of the task); adc (align, ncm: each old mean moves by the drift of the task's "
-                             "images pushed toward it through the backbone before the task); adc-linear (the map "
-                             "fitted on the task's and the pushed images); oracle (a diagnostic that uses old data: "
-                             "recomputed from every seen class's training images under the current backbone)",
+                             "(means follow the drift of each new task's images); linear (a least-squares map of the "
+                             "new task's features before to after the task carries them); linear-cv (the same map, "
+                             "its ridge chosen by the error on held-out images of the task); linear-cls (its ridge "
+                             "chosen by the error on a held-out class of the task); adc (each old mean moves by the "
+                             "drift of the task's images pushed toward it through the backbone before the task); "
+                             "adc-linear (the map fitted on the task's and the pushed images); oracle (a diagnostic "
+                             "that uses old data: recomputed from every seen class's training images under the "
+                             "current backbone). The ridge head rebuilds its sums from each class's moved Gaussian, "
+                             "or with --rp-dim 0 under a map carries them exactly",
                      choices=DRIFT)
     rp_dim: int = arg(2000, "ridge: the random projection's width M (0: the plain ridge head on the features)")
     ridge_lambdas: str = arg("1e-8:1e8", "ridge: the grid lambda is chosen from after each task, as LO:HI (every "
@@ -156,7 +157,7 @@ class CLArgs:
             parse_lambdas(self.ridge_lambdas)
         except ValueError as e:
             return f"--ridge-lambdas {self.ridge_lambdas!r}: {e}"
-        problem = head_problem(self.classifier, self.drift, self.rp_dim)
+        problem = head_problem(self.classifier, self.drift)
         if problem:
             return f"--classifier {self.classifier} --drift {self.drift}: {problem}."
         try:
@@ -222,7 +223,7 @@ def parse_heads(text: str, rp_dim: int) -> list[tuple[str, str, str, int]]:
         drift = drift or "none"
         m = 0 if kind == "ridge0" else rp_dim
         kind = "ridge" if kind == "ridge0" else kind
-        problem = head_problem(kind, drift, m if kind == "ridge" else 0)
+        problem = head_problem(kind, drift)
         if problem:
             raise ValueError(f"{name}: {problem}")
         if name in (h[0] for h in heads):
