@@ -844,8 +844,11 @@ def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, 
                 compare_seconds += time.perf_counter() - t1
             if head.lam is not None:
                 info["ridge_lambda"] = head.lam
+            if head.map_ridge is not None:  # the drift map's ridge its held-out error chose (linear-cv, -cls, adc-linear)
+                info["map_ridge"] = head.map_ridge
             if beside:
-                info["compare_heads"] = {name: {} if h.lam is None else {"lambda": h.lam} for name, h in beside.items()}
+                info["compare_heads"] = {name: {k: v for k, v in (("lambda", h.lam), ("map_ridge", h.map_ridge))
+                                                if v is not None} for name, h in beside.items()}
                 info["compare_heads_seconds"] = compare_seconds
             info["consolidate_seconds"] = time.perf_counter() - t0 - compare_seconds
             train_seconds += time.perf_counter() - t_task - compare_seconds  # training and consolidation only

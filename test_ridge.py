@@ -301,16 +301,22 @@ def test_adc_heads_run_beside_a_run_without_changing_it(tmp_path):
     head, its weights) is the run without them, and the pushed images move the heads' old means."""
     argv = [*TINY, "--tasks", "2", "--epochs", "1", "--train-per-class", "2", "--classifier", "ncm"]
     run_script("treelora", [*argv, "--out", str(tmp_path / "plain")])
-    run_script("treelora", [*argv, "--compare-heads", "ncm/adc,ridge0/adc-linear", "--out", str(tmp_path / "adc")])
+    run_script("treelora", [*argv, "--compare-heads", "ncm/adc,ridge0/adc-linear,ridge/adc", "--rp-dim", "32",
+                            "--out", str(tmp_path / "adc")])
     plain, adc = (json.loads((tmp_path / k / "results.json").read_text()) for k in ("plain", "adc"))
     assert adc["accuracy_matrix"] == plain["accuracy_matrix"]
     assert adc["heads"]["ncm/adc"]["accuracy_matrix"][0] == adc["accuracy_matrix"][0]  # task 1: nothing to move yet
     assert adc["heads"]["ridge0/adc-linear"]["accuracy_matrix"][1][0] is not None
+    chosen = [t["compare_heads"]["ridge0/adc-linear"].get("map_ridge") for t in adc["tasks"]]
+    assert chosen[0] is None and chosen[1] in classifier.CLASS_RIDGES  # the map's ε, from the second task on
+    assert "map_ridge" not in adc["tasks"][1]["compare_heads"]["ncm/adc"]
     c_plain, c_adc = (torch.load(tmp_path / k / continual.CHECKPOINT, weights_only=True) for k in ("plain", "adc"))
     assert all(torch.equal(c_plain["model"][k], v) for k, v in c_adc["model"].items())
     moved, stale = c_adc["compare_heads"]["ncm/adc"]["means"], c_adc["classifier"]["means"]
     assert moved.shape == stale.shape and not torch.equal(moved[:50], stale[:50])  # old classes moved
     assert torch.equal(moved[50:], stale[50:])  # the newest task's classes: taken under today's backbone
+    rebuilt = c_adc["compare_heads"]["ridge/adc"]  # RanPAC's head keeps each class's Gaussian to rebuild G from
+    assert rebuilt["factors"].shape == (100, *rebuilt["factors"].shape[1:]) and rebuilt["counts"].sum() == 200
 
 
 def test_gaussian_gram_of_point_masses_is_the_direct_sum():
