@@ -508,4 +508,6 @@ def head_problem(kind: str, drift: str) -> str | None:
     """Why a head and a drift treatment do not go together, as one sentence, or None."""
     if kind not in CLASSIFIERS or drift not in DRIFT:
         return f"the head {kind!r} with drift {drift!r} is not one of {CLASSIFIERS} with one of {DRIFT}"
+    if kind == "linear" and drift != "none":
+        return f"the linear head (the masked head as trained) keeps no class statistics for {drift} to move"
     return None

@@ -156,6 +156,8 @@ RIDGE_BAD_FLAGS = [
     (["--ridge-lambdas", "1,-2"], "every lambda must be a positive number"),
     (["--ridge-lambdas", "3:30"], "powers of ten"),
     (["--drift", "shift"], "invalid choice"),
+    (["--classifier", "linear", "--drift", "adc"], "keeps no class statistics for adc to move"),
+    (["--compare-heads", "linear/sdc"], "keeps no class statistics for sdc to move"),
     (["--compare-heads", "svm"], "--compare-heads 'svm'"),
     (["--compare-heads", "ridge,ridge"], "named twice"),
     (["--compare-heads", "ridge/shift"], "with one of"),
