@@ -34,6 +34,8 @@ the methods keep no old data to refresh them with. `drift` says what happens to 
           (means only: align, ncm);
   adc-linear  the linear map fitted on the task's images and ADC's pushed images together (with linear-cls's
           ridge): the pushed images are evidence about where every old class lies, the map carries every statistic;
+  gaussian  a diagnostic of the ridge head alone: nothing moves, but after each task old classes' sums are rebuilt
+          from their Gaussians as a remedy would rebuild them; what the rebuild costs where there is no drift;
   oracle  a diagnostic, never a default: the statistics of every seen class are recomputed from all its
           training images under the current backbone. It uses old data, which no method keeps; the gap to it
           is what stale statistics cost.
@@ -48,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 CLASSIFIERS = ("linear", "align", "ncm", "ridge")
-DRIFT = ("none", "sdc", "linear", "linear-cv", "linear-cls", "adc", "adc-linear", "oracle")  # what moves old statistics when the backbone changes
+DRIFT = ("none", "sdc", "linear", "linear-cv", "linear-cls", "adc", "adc-linear", "gaussian", "oracle")  # what moves old statistics when the backbone changes
 ALIGN_SAMPLES = 256  # features sampled per class and epoch, SLCA's num_sampled_pcls
 ALIGN_EPOCHS = 20  # SLCA uses 5 (ca_epochs) on 100 classes; with 10 classes 20 measured better (docs/deviations.md, deviation 24)
 ALIGN_LR = 0.01  # SGD, momentum 0.9, cosine-annealed over the epochs (SLCA)
@@ -252,21 +254,21 @@ def choose_map_ridge_by_class(before: Tensor, after: Tensor, labels: Tensor,
 
 
 def gaussian_gram(means: Tensor, factors: Tensor, counts: Tensor, projection: Tensor | None,
-                  gen: torch.Generator) -> tuple[Tensor, Tensor]:
+                  gen: torch.Generator, draws: int = 1) -> tuple[Tensor, Tensor]:
     """The ridge head's sums G = sum h^T h and Q = sum h^T y over old classes, regenerated from their Gaussians.
 
-    Class c contributes counts[c] draws f ~ N(means[c], L_c L_c^T) (factors[c] = L_c), each through h = project(f).
-    A map of the features moves a Gaussian exactly but not G through a ReLU projection: the ridge head keeps each
-    class's Gaussian and rebuilds G and Q from it after a remedy has moved it. Returns G (M, M) and Q (M, C),
-    float64.
+    Class c contributes counts[c] images' worth of draws f ~ N(means[c], L_c L_c^T) (factors[c] = L_c), each
+    through h = project(f): draws * counts[c] of them, weighted 1 / draws. A map of the features moves a Gaussian
+    exactly but not G through a ReLU projection: the ridge head keeps each class's Gaussian and rebuilds G and Q
+    from it after a remedy has moved it. Returns G (M, M) and Q (M, C), float64.
     """
     G = Q = None
     for c in range(len(means)):  # a class at a time: classes may differ in their counts
-        f, _ = sample_features(means[c:c + 1], factors[c:c + 1], int(counts[c]), gen)
+        f, _ = sample_features(means[c:c + 1], factors[c:c + 1], int(counts[c]) * draws, gen)
         h = project(f, projection)
         col = torch.zeros(len(means), dtype=torch.float64, device=h.device)
         col[c] = 1
-        g, q = h.T @ h, h.sum(0)[:, None] * col[None, :]
+        g, q = h.T @ h / draws, h.sum(0)[:, None] * col[None, :] / draws
         G, Q = (g, q) if G is None else (G + g, Q + q)
     return G, Q
 
@@ -329,14 +331,16 @@ class Classifier:
     """
 
     def __init__(self, kind: str, head: nn.Linear, drift: str = "none", *, own: bool = False,
-                 projection: Tensor | None = None, lambdas: tuple[float, ...] = RIDGE_LAMBDAS):
+                 projection: Tensor | None = None, lambdas: tuple[float, ...] = RIDGE_LAMBDAS, draws: int = 1):
         problem = head_problem(kind, drift)
         if problem:
             raise ValueError(problem)
         if kind == "ridge" and not lambdas:
             raise ValueError("the ridge head needs at least one lambda")
         self.kind, self.head, self.drift, self.own = kind, head, drift, own
-        self.projection, self.lambdas = projection, tuple(lambdas)
+        if draws < 1:
+            raise ValueError("draws must be at least 1")
+        self.projection, self.lambdas, self.draws = projection, tuple(lambdas), draws
         self.weight = head.weight.detach().clone() if own else head.weight.data  # (classes, D)
         self.bias = head.bias.detach().clone() if own else head.bias.data
         self.means: Tensor | None = None  # (C, D), classes in the order of the head's rows
@@ -355,9 +359,10 @@ class Classifier:
     @property
     def regenerates(self) -> bool:
         """Whether the ridge head rebuilds old classes' G and Q from their Gaussians after a remedy moved them
-        (gaussian_gram): when only means move (sdc, adc), or a map meets a ReLU projection, which G cannot follow.
-        The plain ridge head (M = 0) under a linear map carries G exactly instead."""
-        return self.kind == "ridge" and (self.drift in ("sdc", "adc") or (
+        (gaussian_gram): when only means move (sdc, adc), or a map meets a ReLU projection, which G cannot follow,
+        or as a diagnostic with nothing moved (gaussian). The plain ridge head (M = 0) under a linear map carries G
+        exactly instead."""
+        return self.kind == "ridge" and (self.drift in ("sdc", "adc", "gaussian") or (
             self.drift in ("linear", "linear-cv", "linear-cls", "adc-linear") and self.projection is not None))
 
     @property
@@ -452,7 +457,8 @@ class Classifier:
                 self.map_ridge, _ = choose_map_ridge_by_class(b, a, y)
                 self._transform(linear_drift_map(b, a, self.map_ridge))
             if old and self.regenerates:
-                self.G, self.Q = gaussian_gram(self.means, self.factors, self.counts, self.projection, gen)
+                self.G, self.Q = gaussian_gram(self.means, self.factors, self.counts, self.projection, gen,
+                                               self.draws)
             h = self._add(features, labels, classes)
         if self.kind == "ncm":
             ncm_head_(self.weight, self.bias, self.means)
@@ -510,4 +516,6 @@ def head_problem(kind: str, drift: str) -> str | None:
         return f"the head {kind!r} with drift {drift!r} is not one of {CLASSIFIERS} with one of {DRIFT}"
     if kind == "linear" and drift != "none":
         return f"the linear head (the masked head as trained) keeps no class statistics for {drift} to move"
+    if drift == "gaussian" and kind != "ridge":
+        return f"--drift gaussian is a diagnostic of the ridge head's rebuilt sums, which the {kind} head does not keep"
     return None

@@ -731,10 +731,10 @@ def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, 
     method = make_method(model, args)
     compiled = compile_blocks_(model, args.compile, device)
     lambdas = parse_lambdas(args.ridge_lambdas)
-    head = Classifier(args.classifier, model.head, args.drift, lambdas=lambdas,
+    head = Classifier(args.classifier, model.head, args.drift, lambdas=lambdas, draws=args.draws,
                       projection=random_projection(args.seed, cfg.dim, args.rp_dim, device)
                       if args.classifier == "ridge" else None)
-    beside = {name: Classifier(kind, model.head, drift, own=True, lambdas=lambdas,
+    beside = {name: Classifier(kind, model.head, drift, own=True, lambdas=lambdas, draws=args.draws,
                                projection=random_projection(args.seed, cfg.dim, m, device) if kind == "ridge" else None)
               for name, kind, drift, m in parse_heads(args.compare_heads, args.rp_dim)}
     heads = [head, *beside.values()]

@@ -98,12 +98,16 @@ class CLArgs:
                              "its ridge chosen by the error on held-out images of the task); linear-cls (its ridge "
                              "chosen by the error on a held-out class of the task); adc (each old mean moves by the "
                              "drift of the task's images pushed toward it through the backbone before the task); "
-                             "adc-linear (the map fitted on the task's and the pushed images); oracle (a diagnostic "
+                             "adc-linear (the map fitted on the task's and the pushed images); gaussian (a "
+                             "diagnostic of the ridge head: its sums rebuilt from old classes' unmoved Gaussians); "
+                             "oracle (a diagnostic "
                              "that uses old data: recomputed from every seen class's training images under the "
                              "current backbone). The ridge head rebuilds its sums from each class's moved Gaussian, "
                              "or with --rp-dim 0 under a map carries them exactly",
                      choices=DRIFT)
     rp_dim: int = arg(2000, "ridge: the random projection's width M (0: the plain ridge head on the features)")
+    draws: int = arg(1, "ridge, when it rebuilds old classes' sums from their Gaussians (every --drift but none, "
+                        "oracle and a map under --rp-dim 0): draws per image a class had, weighted to one image")
     ridge_lambdas: str = arg("1e-8:1e8", "ridge: the grid lambda is chosen from after each task, as LO:HI (every "
                                          "power of ten between) or a comma-separated list of positive numbers")
     compare_heads: str = arg("", "heads kept beside --classifier on the same backbone, each with its own "
@@ -153,6 +157,8 @@ class CLArgs:
             return "--head-lr must be a non-negative number (0: the same as --lr)."
         if self.rp_dim < 0:
             return "--rp-dim must be at least 0 (0: the plain ridge head without a projection)."
+        if self.draws < 1:
+            return "--draws must be at least 1 (draws per image a class had)."
         try:
             parse_lambdas(self.ridge_lambdas)
         except ValueError as e:

@@ -161,6 +161,8 @@ RIDGE_BAD_FLAGS = [
     (["--compare-heads", "svm"], "--compare-heads 'svm'"),
     (["--compare-heads", "ridge,ridge"], "named twice"),
     (["--compare-heads", "ridge/shift"], "with one of"),
+    (["--compare-heads", "align/gaussian"], "which the align head does not keep"),
+    (["--draws", "0"], "--draws must be at least 1"),
 ]
 
 
@@ -326,10 +328,11 @@ def test_gaussian_gram_of_point_masses_is_the_direct_sum():
     means = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
     counts = torch.tensor([2.0, 5.0, 1.0])
     projection = continual.random_projection(0, 4, 6, torch.device("cpu"))
-    G, Q = gaussian_gram(means, torch.zeros(3, 4, 4), counts, projection, torch.Generator().manual_seed(1))
     h = project(means, projection)  # (3, M)
-    assert torch.allclose(G, h.T @ (counts[:, None].double() * h))
-    assert torch.allclose(Q, h.T * counts.double())
+    for draws in (1, 3):  # several draws per image weigh as one image
+        G, Q = gaussian_gram(means, torch.zeros(3, 4, 4), counts, projection, torch.Generator().manual_seed(1), draws)
+        assert torch.allclose(G, h.T @ (counts[:, None].double() * h))
+        assert torch.allclose(Q, h.T * counts.double())
 
 
 def test_gaussian_gram_is_the_gaussians_second_moment():
@@ -341,6 +344,28 @@ def test_gaussian_gram_is_the_gaussians_second_moment():
     second = (means.T @ means + factors[0] @ factors[0].T).double()
     assert torch.allclose(G / 20000, second, atol=0.1 * second.abs().max())
     assert torch.allclose(Q[:, 0] / 20000, means[0].double(), atol=0.05)
+    error = {draws: sum((gaussian_gram(means, factors, torch.tensor([50.0]), None, torch.Generator().manual_seed(s),
+                                       draws)[0] / 50 - second).norm().item() for s in range(5)) for draws in (1, 100)}
+    assert error[100] < error[1] / 3  # the draws' noise falls as 1 / sqrt(draws): 50 images' worth, 100 draws each
+
+
+def test_the_gaussian_diagnostic_rebuilds_the_sums_and_moves_nothing():
+    """--drift gaussian: old classes' G and Q come from their unmoved Gaussians (the exact sums are replaced, with
+    as many images' worth as each class had); the means and covariances stay where the old task left them."""
+    D, M = 6, 16
+    feats, labels = blobs(4, 30, D, seed=4)
+    projection = continual.random_projection(0, D, M, torch.device("cpu"))
+    heads = {d: Classifier("ridge", nn.Linear(D, 4), d, projection=projection) for d in ("none", "gaussian")}
+    for c in heads.values():
+        c.end_task_(feats[:60], labels[:60], range(0, 2), torch.Generator().manual_seed(1))
+    means, factors = heads["gaussian"].means.clone(), heads["gaussian"].factors.clone()
+    for c in heads.values():
+        c.end_task_(feats[60:] + 1.0, labels[60:], range(2, 4), torch.Generator().manual_seed(1), before=feats[60:])
+    stale, rebuilt = heads["none"], heads["gaussian"]
+    assert torch.equal(rebuilt.means[:2], means) and torch.equal(rebuilt.factors[:2], factors)
+    assert not torch.allclose(rebuilt.G, stale.G)
+    assert torch.allclose(rebuilt.Q.sum(0)[:2] / stale.Q.sum(0)[:2], torch.ones(2, dtype=torch.float64), atol=0.3)
+    assert torch.allclose(rebuilt.Q[:, 2:], stale.Q[:, 2:])  # the new task's sums are exact in both
 
 
 @pytest.mark.parametrize("drift", ["linear-cls", "adc-linear"])
