@@ -127,11 +127,14 @@ ADC = {"align": None, "align, ADC": "align/adc", "align, ADC + linear map": "ali
        "align, linear drift (held-out class)": "align/linear-cls", "align, oracle": "align/oracle",
        "ridge": "ridge", "ridge, linear drift (held-out class)": "ridge/linear-cls", "ridge, oracle": "ridge/oracle"}
 ADC_RUN = ["--drift", "none"]  # the default, named: a run of its own, apart from the drift set's
-# What RanPAC's head loses by rebuilding old classes' sums from Gaussians, apart from any remedy (--drift gaussian
-# moves nothing), with one draw per image and with ten: its runs are of their own (--draws named), each with the
-# stale head and the oracle, so that each row's share won back is of its own run
-GAUSSIAN = {"ridge": "ridge", "ridge, Gaussian sums (no move)": "ridge/gaussian",
-            "ridge, linear drift (held-out class)": "ridge/linear-cls", "ridge, oracle": "ridge/oracle"}
+# RanPAC's head under drift: what rebuilding old classes' sums from Gaussians costs apart from any remedy
+# (--drift gaussian moves nothing), with one draw per image and with ten, beside the feature map (rebuilt from the
+# moved Gaussians) and the map of the head's own inputs h (linear-h, exact). Runs of their own (--draws named), each
+# with the stale head and the oracle, so that each row's share won back is of its own run
+RANPAC = {"ridge": "ridge", "ridge, Gaussian sums (no move)": "ridge/gaussian",
+          "ridge, linear drift (held-out class)": "ridge/linear-cls", "ridge, linear drift of h": "ridge/linear-h",
+          "ridge, oracle": "ridge/oracle"}
+RANPAC_10 = {k: v for k, v in RANPAC.items() if "of h" not in k}  # linear-h draws nothing
 # set -> label -> (script, extra flags[, head]); {tasks} is filled in. A row with a head reads that --compare-heads
 # entry of the run its script and flags make, so rows of one run share it. The first row of an ablation set is the
 # method.
@@ -161,13 +164,13 @@ SETS = {
         **learner_rows("TRM (ADC run)", "trm", [*ALIGN, *ADC_RUN], ADC),
         **learner_rows("SeqLoRA (ADC run)", SEQLORA[0], [*SEQLORA[1], *ALIGN, *ADC_RUN], ADC),
     },
-    "gaussian": {  # RanPAC's rebuilt head without a remedy, and with ten draws per image (deviation 39)
-        **learner_rows("TreeLoRA (1 draw)", "treelora", [*ALIGN, "--draws", "1"], GAUSSIAN),
-        **learner_rows("TreeLoRA (10 draws)", "treelora", [*ALIGN, "--draws", "10"], GAUSSIAN),
-        **learner_rows("TRM (1 draw)", "trm", [*ALIGN, "--draws", "1"], GAUSSIAN),
-        **learner_rows("TRM (10 draws)", "trm", [*ALIGN, "--draws", "10"], GAUSSIAN),
-        **learner_rows("SeqLoRA (1 draw)", SEQLORA[0], [*SEQLORA[1], *ALIGN, "--draws", "1"], GAUSSIAN),
-        **learner_rows("SeqLoRA (10 draws)", SEQLORA[0], [*SEQLORA[1], *ALIGN, "--draws", "10"], GAUSSIAN),
+    "ranpac": {  # RanPAC's head under drift (deviations 39 and 40)
+        **learner_rows("TreeLoRA (1 draw)", "treelora", [*ALIGN, "--draws", "1"], RANPAC),
+        **learner_rows("TreeLoRA (10 draws)", "treelora", [*ALIGN, "--draws", "10"], RANPAC_10),
+        **learner_rows("TRM (1 draw)", "trm", [*ALIGN, "--draws", "1"], RANPAC),
+        **learner_rows("TRM (10 draws)", "trm", [*ALIGN, "--draws", "10"], RANPAC_10),
+        **learner_rows("SeqLoRA (1 draw)", SEQLORA[0], [*SEQLORA[1], *ALIGN, "--draws", "1"], RANPAC),
+        **learner_rows("SeqLoRA (10 draws)", SEQLORA[0], [*SEQLORA[1], *ALIGN, "--draws", "10"], RANPAC_10),
     },
     "ham": {
         "HAM": ("ham", []),

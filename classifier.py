@@ -34,6 +34,9 @@ the methods keep no old data to refresh them with. `drift` says what happens to 
           (means only: align, ncm);
   adc-linear  the linear map fitted on the task's images and ADC's pushed images together (with linear-cls's
           ridge): the pushed images are evidence about where every old class lies, the map carries every statistic;
+  linear-h  the ridge head's own map: linear-cls's map fitted on its inputs h = ReLU(f W) before and after the task
+          (M x M, from fewer images than M through the push-through identity), which carries G -> B^T G B and
+          Q -> B^T Q exactly, with no Gaussian to draw (ridge only; with M = 0 it is linear-cls);
   gaussian  a diagnostic of the ridge head alone: nothing moves, but after each task old classes' sums are rebuilt
           from their Gaussians as a remedy would rebuild them; what the rebuild costs where there is no drift;
   oracle  a diagnostic, never a default: the statistics of every seen class are recomputed from all its
@@ -50,7 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 CLASSIFIERS = ("linear", "align", "ncm", "ridge")
-DRIFT = ("none", "sdc", "linear", "linear-cv", "linear-cls", "adc", "adc-linear", "gaussian", "oracle")  # what moves old statistics when the backbone changes
+DRIFT = ("none", "sdc", "linear", "linear-cv", "linear-cls", "linear-h", "adc", "adc-linear", "gaussian", "oracle")  # what moves old statistics when the backbone changes
 ALIGN_SAMPLES = 256  # features sampled per class and epoch, SLCA's num_sampled_pcls
 ALIGN_EPOCHS = 20  # SLCA uses 5 (ca_epochs) on 100 classes; with 10 classes 20 measured better (docs/deviations.md, deviation 24)
 ALIGN_LR = 0.01  # SGD, momentum 0.9, cosine-annealed over the epochs (SLCA)
@@ -218,9 +221,27 @@ def linear_drift_map(before: Tensor, after: Tensor, ridge: float = RIDGE) -> Ten
     # reconstructed: the ridge toward the identity, eps = 1e-4 times the mean squared feature, keeps the normal
     # equations well posed when the task's images span fewer directions than D (docs/deviations.md, deviation 30).
     b, a = before.double(), after.double()
+    coefficients, pushed = _drift_coefficients(b, a, ridge)
+    return torch.eye(b.shape[1], dtype=b.dtype, device=b.device) + (b.T @ coefficients if pushed else coefficients)
+
+
+def _drift_coefficients(b: Tensor, a: Tensor, ridge: float) -> tuple[Tensor, bool]:
+    """(B^T B + eps I)^-1 B^T (a - b), the fitted drift A - I (D, D), or with fewer images n than dimensions D its
+    n x n form (B B^T + eps I)^-1 (a - b) (the push-through identity: A - I = B^T times it), and which one."""
+    n, D = b.shape
+    eps = ridge * ((b * b).sum() / D + 1e-12)  # ridge times the mean squared feature, tr(B^T B) / D
+    if n < D:  # the D x D solve costs D^3: in the ridge head's projected space (D = M = 2000) n x n is far cheaper
+        return torch.linalg.solve(b @ b.T + eps * torch.eye(n, dtype=b.dtype, device=b.device), a - b), True
     gram = b.T @ b
-    eye = torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
-    return eye + torch.linalg.solve(gram + ridge * (gram.trace() / len(gram) + 1e-12) * eye, b.T @ (a - b))
+    return torch.linalg.solve(gram + eps * torch.eye(D, dtype=b.dtype, device=b.device), b.T @ (a - b)), False
+
+
+def carry(x: Tensor, before: Tensor, after: Tensor, ridge: float = RIDGE) -> Tensor:
+    """x A for the linear_drift_map A fitted on (before, after), without forming A when the fit has fewer images
+    than dimensions: x + (x B^T) (B B^T + eps I)^-1 (a - b)."""
+    b, a, x = before.double(), after.double(), x.double()
+    coefficients, pushed = _drift_coefficients(b, a, ridge)
+    return x + ((x @ b.T) @ coefficients if pushed else x @ coefficients)
 
 
 def choose_map_ridge(before: Tensor, after: Tensor, ridges: tuple[float, ...] = MAP_RIDGES) -> tuple[float, list[float]]:
@@ -233,7 +254,7 @@ def choose_map_ridge(before: Tensor, after: Tensor, ridges: tuple[float, ...] = 
     n = int(len(before) * FIT_SHARE)
     fit, val = order[:n], order[n:]
     b, a = before.double(), after.double()
-    errors = [((b[val] @ linear_drift_map(b[fit], a[fit], r) - a[val]) ** 2).mean().item() for r in ridges]
+    errors = [((carry(b[val], b[fit], a[fit], r) - a[val]) ** 2).mean().item() for r in ridges]
     return ridges[min(range(len(ridges)), key=errors.__getitem__)], errors
 
 
@@ -248,7 +269,7 @@ def choose_map_ridge_by_class(before: Tensor, after: Tensor, labels: Tensor,
     classes = labels.unique()
     if len(classes) < 2:
         return ridges[0], []
-    errors = [sum(((b[labels == k] @ linear_drift_map(b[labels != k], a[labels != k], r) - a[labels == k]) ** 2)
+    errors = [sum(((carry(b[labels == k], b[labels != k], a[labels != k], r) - a[labels == k]) ** 2)
                   .mean().item() for k in classes) for r in ridges]
     return ridges[min(range(len(ridges)), key=errors.__getitem__)], errors
 
@@ -368,7 +389,7 @@ class Classifier:
     @property
     def needs_features_before(self) -> bool:
         """Whether end_task_ wants the task's features under the backbone before the task as well."""
-        return self.needs_features and self.drift not in ("none", "oracle")
+        return self.needs_features and self.drift not in ("none", "gaussian", "oracle")
 
     @property
     def needs_backbone_before(self) -> bool:
@@ -448,6 +469,11 @@ class Classifier:
             if old and self.drift == "linear-cls":
                 self.map_ridge, _ = choose_map_ridge_by_class(before, features, labels)
                 self._transform(linear_drift_map(before, features, self.map_ridge))
+            if old and self.drift == "linear-h":  # the map of the head's inputs: G and Q follow it exactly
+                h_before, h_after = project(before, self.projection), project(features, self.projection)
+                self.map_ridge, _ = choose_map_ridge_by_class(h_before, h_after, labels)
+                B = linear_drift_map(h_before, h_after, self.map_ridge)
+                self.G, self.Q = B.T @ self.G @ B, B.T @ self.Q
             if old and self.drift == "adc":
                 self.means = adversarial_means(self.means, *probe(self.means))
             if old and self.drift == "adc-linear":  # the pushed images count as classes of their own in the choice
@@ -516,6 +542,8 @@ def head_problem(kind: str, drift: str) -> str | None:
         return f"the head {kind!r} with drift {drift!r} is not one of {CLASSIFIERS} with one of {DRIFT}"
     if kind == "linear" and drift != "none":
         return f"the linear head (the masked head as trained) keeps no class statistics for {drift} to move"
+    if drift == "linear-h" and kind != "ridge":
+        return f"--drift linear-h maps the ridge head's inputs h = ReLU(f W), which the {kind} head does not have"
     if drift == "gaussian" and kind != "ridge":
         return f"--drift gaussian is a diagnostic of the ridge head's rebuilt sums, which the {kind} head does not keep"
     return None

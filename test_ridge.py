@@ -11,7 +11,7 @@ from hypothesis import given, strategies as st
 
 import continual
 from classifier import (Classifier, adversarial_means, adversarial_pairs, choose_lambda, choose_map_ridge,
-                        choose_map_ridge_by_class, class_statistics, gaussian_gram, linear_drift_map, one_hot,
+                        carry, choose_map_ridge_by_class, class_statistics, gaussian_gram, linear_drift_map, one_hot,
                         project, ridge_solve)
 from conftest import TINY, learned, run_script
 from flags import CLArgs
@@ -162,6 +162,7 @@ RIDGE_BAD_FLAGS = [
     (["--compare-heads", "ridge,ridge"], "named twice"),
     (["--compare-heads", "ridge/shift"], "with one of"),
     (["--compare-heads", "align/gaussian"], "which the align head does not keep"),
+    (["--compare-heads", "ncm/linear-h"], "which the ncm head does not have"),
     (["--draws", "0"], "--draws must be at least 1"),
 ]
 
@@ -302,10 +303,12 @@ def test_a_remedy_moves_old_statistics_by_the_drift_it_is_shown(drift):
 
 def test_adc_heads_run_beside_a_run_without_changing_it(tmp_path):
     """ADC's heads push images through a frozen copy of the backbone before each task: the run itself (its own
-    head, its weights) is the run without them, and the pushed images move the heads' old means."""
+    head, its weights) is the run without them, and the pushed images move the heads' old means; beside them the
+    map of h (linear-h) carries RanPAC's sums."""
     argv = [*TINY, "--tasks", "2", "--epochs", "1", "--train-per-class", "2", "--classifier", "ncm"]
     run_script("treelora", [*argv, "--out", str(tmp_path / "plain")])
-    run_script("treelora", [*argv, "--compare-heads", "ncm/adc,ridge0/adc-linear,ridge/adc", "--rp-dim", "32",
+    run_script("treelora", [*argv, "--compare-heads", "ncm/adc,ridge0/adc-linear,ridge/adc,ridge/linear-h",
+                            "--rp-dim", "32",
                             "--out", str(tmp_path / "adc")])
     plain, adc = (json.loads((tmp_path / k / "results.json").read_text()) for k in ("plain", "adc"))
     assert adc["accuracy_matrix"] == plain["accuracy_matrix"]
@@ -314,6 +317,7 @@ def test_adc_heads_run_beside_a_run_without_changing_it(tmp_path):
     chosen = [t["compare_heads"]["ridge0/adc-linear"].get("map_ridge") for t in adc["tasks"]]
     assert chosen[0] is None and chosen[1] in classifier.CLASS_RIDGES  # the map's ε, from the second task on
     assert "map_ridge" not in adc["tasks"][1]["compare_heads"]["ncm/adc"]
+    assert adc["tasks"][1]["compare_heads"]["ridge/linear-h"]["map_ridge"] in classifier.CLASS_RIDGES  # h's map
     c_plain, c_adc = (torch.load(tmp_path / k / continual.CHECKPOINT, weights_only=True) for k in ("plain", "adc"))
     assert all(torch.equal(c_plain["model"][k], v) for k, v in c_adc["model"].items())
     moved, stale = c_adc["compare_heads"]["ncm/adc"]["means"], c_adc["classifier"]["means"]
@@ -321,6 +325,8 @@ def test_adc_heads_run_beside_a_run_without_changing_it(tmp_path):
     assert torch.equal(moved[50:], stale[50:])  # the newest task's classes: taken under today's backbone
     rebuilt = c_adc["compare_heads"]["ridge/adc"]  # RanPAC's head keeps each class's Gaussian to rebuild G from
     assert rebuilt["factors"].shape == (100, *rebuilt["factors"].shape[1:]) and rebuilt["counts"].sum() == 200
+    carried = c_adc["compare_heads"]["ridge/linear-h"]  # the map of h carries G itself: no Gaussian kept
+    assert carried["factors"] is None and carried["G"].shape == (32, 32)
 
 
 def test_gaussian_gram_of_point_masses_is_the_direct_sum():
@@ -400,3 +406,55 @@ def test_a_projected_ridge_head_follows_a_drift_by_its_regenerated_gaussians(dri
     restored.load_state_dict(c.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(restored.stored_tensors(), c.stored_tensors()))
     assert len(c.stored_tensors()) == 5  # means, factors, counts, G and Q
+
+
+@given(n=st.integers(2, 30), ridge=st.sampled_from([1e-4, 1e-2, 1.0]))
+def test_the_drift_map_with_fewer_images_than_dimensions_is_the_dense_normal_equations(n, ridge):
+    """linear_drift_map and carry solve n x n when n < D (the push-through identity); both equal the D x D
+    normal equations A = I + (B^T B + eps I)^-1 B^T (a - b) with eps = ridge * tr(B^T B) / D."""
+    g = torch.Generator().manual_seed(n)
+    D = 12
+    b = torch.randn(n, D, generator=g, dtype=torch.float64)
+    a = b + 0.3 * b @ torch.randn(D, D, generator=g, dtype=torch.float64)
+    eps = ridge * (b * b).sum() / D
+    dense = torch.eye(D, dtype=torch.float64) + torch.linalg.solve(b.T @ b + eps * torch.eye(D, dtype=torch.float64),
+                                                                   b.T @ (a - b))
+    x = torch.randn(5, D, generator=g, dtype=torch.float64)
+    assert torch.allclose(linear_drift_map(b, a, ridge), dense, atol=1e-9)
+    assert torch.allclose(carry(x, b, a, ridge), x @ dense, atol=1e-9)
+
+
+def test_the_head_space_map_is_the_feature_map_without_a_projection():
+    """--drift linear-h with M = 0 fits the same map on the same inputs as linear-cls, and carries G and Q alike."""
+    feats, labels = blobs(4, 30, 6, seed=5)
+    drift = torch.linalg.qr(torch.randn(6, 6, generator=torch.Generator().manual_seed(2)))[0]
+    heads = {d: Classifier("ridge", nn.Linear(6, 4), d) for d in ("linear-cls", "linear-h")}
+    for c in heads.values():
+        c.end_task_(feats[:60], labels[:60], range(0, 2), torch.Generator().manual_seed(1))
+        c.end_task_(feats[60:] @ drift, labels[60:], range(2, 4), torch.Generator().manual_seed(1), before=feats[60:])
+    assert heads["linear-h"].map_ridge == heads["linear-cls"].map_ridge
+    assert torch.allclose(heads["linear-h"].G, heads["linear-cls"].G) and torch.allclose(heads["linear-h"].Q,
+                                                                                       heads["linear-cls"].Q)
+
+
+def test_the_head_space_map_carries_a_projected_head_exactly_where_h_moves_linearly():
+    """A positive scaling f -> 1.5 f moves h = ReLU(f W) to 1.5 h: with M > 0, linear-h's G and Q are the oracle's
+    (refitted on the scaled features), where the stale head keeps the old ones. Positive features and W keep every
+    unit of h active, so that the new task's images span every direction the old classes' h take."""
+    D, M = 6, 16
+    feats, labels = blobs(4, 80, D, seed=6)
+    feats = feats.abs() + 0.5
+    projection = continual.random_projection(0, D, M, torch.device("cpu")).abs()
+    heads = {}
+    for drift in ("none", "linear-h", "oracle"):
+        c = Classifier("ridge", nn.Linear(D, 4), drift, projection=projection)
+        c.end_task_(feats[:160], labels[:160], range(0, 2), torch.Generator().manual_seed(1),
+                    seen=[(feats[:160], labels[:160], range(0, 2))])
+        c.end_task_(1.5 * feats[160:], labels[160:], range(2, 4), torch.Generator().manual_seed(1),
+                    before=feats[160:], seen=[(1.5 * feats[:160], labels[:160], range(0, 2)),
+                                              (1.5 * feats[160:], labels[160:], range(2, 4))])
+        heads[drift] = c
+    oracle, moved, stale = heads["oracle"], heads["linear-h"], heads["none"]
+    assert torch.allclose(moved.G, oracle.G, rtol=1e-3, atol=1e-3 * oracle.G.abs().max().item())
+    assert torch.allclose(moved.Q, oracle.Q, rtol=1e-3, atol=1e-3 * oracle.Q.abs().max().item())
+    assert not torch.allclose(stale.G, oracle.G, rtol=0.1)
