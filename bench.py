@@ -126,7 +126,10 @@ STALE = {  # what stale statistics cost, and what a linear map of the drift wins
 ADC = {"align": None, "align, ADC": "align/adc", "align, ADC + linear map": "align/adc-linear",
        "align, linear drift (held-out class)": "align/linear-cls", "align, oracle": "align/oracle",
        "ridge": "ridge", "ridge, linear drift (held-out class)": "ridge/linear-cls", "ridge, oracle": "ridge/oracle"}
-ADC_RUN = ["--drift", "none"]  # the default, named: a run of its own, apart from the drift set's
+# the drift and adc sets' tables were measured with one draw per image when the ridge head rebuilds its sums (the
+# default before the ranpac set measured ten); named, so that their commands reproduce them
+ONE_DRAW = ["--draws", "1"]
+ADC_RUN = ["--drift", "none", *ONE_DRAW]  # the default drift, named: a run of its own, apart from the drift set's
 # RanPAC's head under drift: what rebuilding old classes' sums from Gaussians costs apart from any remedy
 # (--drift gaussian moves nothing), with one draw per image and with ten, beside the feature map (rebuilt from the
 # moved Gaussians) and the map of the head's own inputs h (linear-h, exact). Runs of their own (--draws named), each
@@ -135,6 +138,10 @@ RANPAC = {"ridge": "ridge", "ridge, Gaussian sums (no move)": "ridge/gaussian",
           "ridge, linear drift (held-out class)": "ridge/linear-cls", "ridge, linear drift of h": "ridge/linear-h",
           "ridge, oracle": "ridge/oracle"}
 RANPAC_10 = {k: v for k, v in RANPAC.items() if "of h" not in k}  # linear-h draws nothing
+# RanPAC's head rebuilt from Gaussians that ADC and the linear map moved (ten draws): ADC's probe runs once per head,
+# so one ADC head per run keeps the runs as long as the adc set's
+ADC_RIDGE = {"ridge": "ridge", "ridge, linear drift (held-out class)": "ridge/linear-cls",
+             "ridge, ADC + linear map": "ridge/adc-linear", "ridge, oracle": "ridge/oracle"}
 # set -> label -> (script, extra flags[, head]); {tasks} is filled in. A row with a head reads that --compare-heads
 # entry of the run its script and flags make, so rows of one run share it. The first row of an ablation set is the
 # method.
@@ -171,6 +178,11 @@ SETS = {
         **learner_rows("TRM (10 draws)", "trm", [*ALIGN, "--draws", "10"], RANPAC_10),
         **learner_rows("SeqLoRA (1 draw)", SEQLORA[0], [*SEQLORA[1], *ALIGN, "--draws", "1"], RANPAC),
         **learner_rows("SeqLoRA (10 draws)", SEQLORA[0], [*SEQLORA[1], *ALIGN, "--draws", "10"], RANPAC_10),
+    },
+    "adc-ridge": {  # ADC with the map under RanPAC's head, ten draws per image (deviations 38 and 39)
+        **learner_rows("TreeLoRA (10 draws)", "treelora", [*ALIGN, "--draws", "10"], ADC_RIDGE),
+        **learner_rows("TRM (10 draws)", "trm", [*ALIGN, "--draws", "10"], ADC_RIDGE),
+        **learner_rows("SeqLoRA (10 draws)", SEQLORA[0], [*SEQLORA[1], *ALIGN, "--draws", "10"], ADC_RIDGE),
     },
     "ham": {
         "HAM": ("ham", []),

@@ -352,7 +352,7 @@ class Classifier:
     """
 
     def __init__(self, kind: str, head: nn.Linear, drift: str = "none", *, own: bool = False,
-                 projection: Tensor | None = None, lambdas: tuple[float, ...] = RIDGE_LAMBDAS, draws: int = 1):
+                 projection: Tensor | None = None, lambdas: tuple[float, ...] = RIDGE_LAMBDAS, draws: int = 10):
         problem = head_problem(kind, drift)
         if problem:
             raise ValueError(problem)
