@@ -294,7 +294,7 @@ def compare(preset: str, variant_set: str, seeds: int, out: Path, device: str, j
         sys.exit(f"bench: preset {preset} needs Fashion-MNIST's idx files in {FASHION_MNIST}; on Debian: apt-get "
                  "install dataset-fashion-mnist")
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["continual", "ham", "treelora", "trm", "baselines", "bench"])
+    ctx.set_forkserver_preload([*continual.PRELOAD, "bench"])
     threads = max(1, torch.get_num_threads() // jobs)
     planned = []  # (run, tasks, seed, script, argv, folder): each run once, whatever number of rows read it
     for tasks in task_counts:

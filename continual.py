@@ -44,6 +44,10 @@ from lora_vit import (PRESETS, TORCHVISION_WEIGHTS, LoRALinear, ViT, ViTConfig, 
 from report import (RunLog, describe_drift_recovery, describe_structure, draw, drift_recovery, format_seconds,
                     readable_json, redraw, structure_measures, write_atomic)
 
+# what a process that starts runs imports once for all of them (bench's jobs, the resume tests' kills): torch imports
+# its compiler on a run's first optimiser (about 1.4 s here) and pyplot draws every run's pictures (0.6 s); a module
+# that is not installed is skipped
+PRELOAD = ("continual", "ham", "treelora", "trm", "baselines", "torch._dynamo", "matplotlib.pyplot")
 
 # ----------------------------------------------------------------------------------------------------------
 # Seeding: the one place

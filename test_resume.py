@@ -38,7 +38,7 @@ def _quiet_main(script: str, argv: list[str]) -> None:
 def processes():
     """Child processes forked from a server that has imported torch and the scripts once (fast to start)."""
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["continual", "ham", "treelora", "trm", "test_resume"])
+    ctx.set_forkserver_preload([*continual.PRELOAD, "test_resume"])
     return ctx
 
 
