@@ -632,6 +632,9 @@ def mutable_state(model: ViT) -> dict[str, Tensor]:
     return {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
 
 
+BEFORE_FLAG = {"draws": 1}  # runs made before --draws drew once per image; its default is now 10
+
+
 def load_checkpoint(path: Path, args: CLArgs, name: str, device: torch.device) -> dict:
     """Read a checkpoint with weights_only=True and refuse one made by another method or other settings."""
     try:
@@ -642,8 +645,10 @@ def load_checkpoint(path: Path, args: CLArgs, name: str, device: torch.device) -
                         ) from None
     if state.get("method") != name:
         raise UserError(f"{path} is a checkpoint of {state.get('method')}, not {name}; choose another --out.")
-    defaults = {f.name: f.default for f in fields(args)}  # a flag newer than the checkpoint: its default, which
-    for key, value in asdict(args).items():  # is the behaviour the checkpoint's run had before the flag existed
+    # a flag newer than the checkpoint: the behaviour the checkpoint's run had before the flag existed, which is the
+    # flag's default unless the default has changed since (BEFORE_FLAG)
+    defaults = {**{f.name: f.default for f in fields(args)}, **BEFORE_FLAG}
+    for key, value in asdict(args).items():
         made = saved.get(key, defaults[key])
         if key not in FREE_ON_RESUME and made != value:
             raise UserError(f"{path} was made with --{key.replace('_', '-')} {made}, not {value}; "

@@ -277,3 +277,16 @@ def test_a_flag_newer_than_the_checkpoint_holds_its_default(finished_ham_run, tm
     assert ham.main(argv)["finished"]
     code, err = _run("ham", [*argv, "--adapter-init", "shared"], capsys)
     assert code == 1 and "was made with --adapter-init fresh, not shared" in err
+
+
+def test_a_checkpoint_older_than_a_changed_default_holds_the_value_it_ran_with(finished_ham_run, tmp_path, capsys):
+    """--draws was added with 1 and now defaults to 10: a checkpoint without it ran with one draw, so it resumes
+    under --draws 1 and is refused under the new default."""
+    out = _copy_run(finished_ham_run, tmp_path / "run")
+    state = torch.load(out / CHECKPOINT, weights_only=True)
+    del state["config"]["draws"]
+    torch.save(state, out / CHECKPOINT)
+    argv = TINY + ["--tasks", "2", "--epochs", "1", "--out", str(out), "--resume"]
+    code, err = _run("ham", argv, capsys)
+    assert code == 1 and "was made with --draws 1, not 10" in err
+    assert ham.main([*argv, "--draws", "1"])["finished"]
