@@ -126,9 +126,9 @@ STALE = {  # what stale statistics cost, and what a linear map of the drift wins
 ADC = {"align": None, "align, ADC": "align/adc", "align, ADC + linear map": "align/adc-linear",
        "align, linear drift (held-out class)": "align/linear-cls", "align, oracle": "align/oracle",
        "ridge": "ridge", "ridge, linear drift (held-out class)": "ridge/linear-cls", "ridge, oracle": "ridge/oracle"}
-# the drift and adc sets' tables were measured with one draw per image when the ridge head rebuilds its sums (the
-# default before the ranpac set measured ten); named, so that their commands reproduce them
-ONE_DRAW = ["--draws", "1"]
+# draws per image when the ridge head rebuilds its sums from Gaussians; the adc set's table was measured with one (the
+# default before the ranpac set measured ten), named so that its command reproduces it
+ONE_DRAW, TEN_DRAWS = ["--draws", "1"], ["--draws", "10"]
 ADC_RUN = ["--drift", "none", *ONE_DRAW]  # the default drift, named: a run of its own, apart from the drift set's
 # RanPAC's head under drift: what rebuilding old classes' sums from Gaussians costs apart from any remedy
 # (--drift gaussian moves nothing), with one draw per image and with ten, beside the feature map (rebuilt from the
@@ -172,17 +172,17 @@ SETS = {
         **learner_rows("SeqLoRA (ADC run)", SEQLORA[0], [*SEQLORA[1], *ALIGN, *ADC_RUN], ADC),
     },
     "ranpac": {  # RanPAC's head under drift (deviations 39 and 40)
-        **learner_rows("TreeLoRA (1 draw)", "treelora", [*ALIGN, "--draws", "1"], RANPAC),
-        **learner_rows("TreeLoRA (10 draws)", "treelora", [*ALIGN, "--draws", "10"], RANPAC_10),
-        **learner_rows("TRM (1 draw)", "trm", [*ALIGN, "--draws", "1"], RANPAC),
-        **learner_rows("TRM (10 draws)", "trm", [*ALIGN, "--draws", "10"], RANPAC_10),
-        **learner_rows("SeqLoRA (1 draw)", SEQLORA[0], [*SEQLORA[1], *ALIGN, "--draws", "1"], RANPAC),
-        **learner_rows("SeqLoRA (10 draws)", SEQLORA[0], [*SEQLORA[1], *ALIGN, "--draws", "10"], RANPAC_10),
+        **learner_rows("TreeLoRA (1 draw)", "treelora", [*ALIGN, *ONE_DRAW], RANPAC),
+        **learner_rows("TreeLoRA (10 draws)", "treelora", [*ALIGN, *TEN_DRAWS], RANPAC_10),
+        **learner_rows("TRM (1 draw)", "trm", [*ALIGN, *ONE_DRAW], RANPAC),
+        **learner_rows("TRM (10 draws)", "trm", [*ALIGN, *TEN_DRAWS], RANPAC_10),
+        **learner_rows("SeqLoRA (1 draw)", SEQLORA[0], [*SEQLORA[1], *ALIGN, *ONE_DRAW], RANPAC),
+        **learner_rows("SeqLoRA (10 draws)", SEQLORA[0], [*SEQLORA[1], *ALIGN, *TEN_DRAWS], RANPAC_10),
     },
     "adc-ridge": {  # ADC with the map under RanPAC's head, ten draws per image (deviations 38 and 39)
-        **learner_rows("TreeLoRA (10 draws)", "treelora", [*ALIGN, "--draws", "10"], ADC_RIDGE),
-        **learner_rows("TRM (10 draws)", "trm", [*ALIGN, "--draws", "10"], ADC_RIDGE),
-        **learner_rows("SeqLoRA (10 draws)", SEQLORA[0], [*SEQLORA[1], *ALIGN, "--draws", "10"], ADC_RIDGE),
+        **learner_rows("TreeLoRA (10 draws)", "treelora", [*ALIGN, *TEN_DRAWS], ADC_RIDGE),
+        **learner_rows("TRM (10 draws)", "trm", [*ALIGN, *TEN_DRAWS], ADC_RIDGE),
+        **learner_rows("SeqLoRA (10 draws)", SEQLORA[0], [*SEQLORA[1], *ALIGN, *TEN_DRAWS], ADC_RIDGE),
     },
     "ham": {
         "HAM": ("ham", []),

@@ -61,6 +61,9 @@ ALIGN_LR = 0.01  # SGD, momentum 0.9, cosine-annealed over the epochs (SLCA)
 # positive definite, scale-free (docs/deviations.md, deviation 25).
 RIDGE = 1e-4
 RIDGE_LAMBDAS = tuple(10.0 ** k for k in range(-8, 9))  # RanPAC's grid for the ridge head's lambda
+# draws per image when the ridge head rebuilds old sums from Gaussians (gaussian_gram): one draw's noise cost up to
+# 4.5 points on the domain regime, ten none (docs/results.md, deviation 39)
+DRAWS = 10
 FIT_SHARE = 0.8  # RanPAC: lambda is fitted on 80 % of the task's features and scored on the other 20 %
 MAP_RIDGES = tuple(RIDGE * 10.0 ** k for k in range(9))  # linear-cv: the linear map's ridge is chosen from these
 CLASS_RIDGES = tuple(RIDGE * 10.0 ** (k / 2) for k in range(17))  # linear-cls, adc-linear: the same range, finer
@@ -352,7 +355,7 @@ class Classifier:
     """
 
     def __init__(self, kind: str, head: nn.Linear, drift: str = "none", *, own: bool = False,
-                 projection: Tensor | None = None, lambdas: tuple[float, ...] = RIDGE_LAMBDAS, draws: int = 10):
+                 projection: Tensor | None = None, lambdas: tuple[float, ...] = RIDGE_LAMBDAS, draws: int = DRAWS):
         problem = head_problem(kind, drift)
         if problem:
             raise ValueError(problem)

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from classifier import CLASSIFIERS, DRIFT, head_problem
+from classifier import CLASSIFIERS, DRAWS, DRIFT, head_problem
 from data import CIFAR_CLASSES, DOMAINS, find_fashion_mnist
 from lora_vit import PRESETS, TARGETS, is_hub_name
 
@@ -107,9 +107,9 @@ class CLArgs:
                              "or with --rp-dim 0 under a map carries them exactly",
                      choices=DRIFT)
     rp_dim: int = arg(2000, "ridge: the random projection's width M (0: the plain ridge head on the features)")
-    draws: int = arg(10, "ridge, when it rebuilds old classes' sums from their Gaussians (every --drift but none, "
-                         "oracle and a map under --rp-dim 0): draws per image a class had, weighted to one image "
-                         "(10: one draw's noise costs up to 4.5 points on the domain regime)")
+    draws: int = arg(DRAWS, "ridge, when it rebuilds old classes' sums from their Gaussians (every --drift but "
+                            "none, oracle and a map under --rp-dim 0): draws per image a class had, weighted to one "
+                            "image (one draw's noise costs up to 4.5 points on the domain regime)")
     ridge_lambdas: str = arg("1e-8:1e8", "ridge: the grid lambda is chosen from after each task, as LO:HI (every "
                                          "power of ten between) or a comma-separated list of positive numbers")
     compare_heads: str = arg("", "heads kept beside --classifier on the same backbone, each with its own "
