@@ -37,11 +37,18 @@ the methods keep no old data to refresh them with. `drift` says what happens to 
   linear-h  the ridge head's own map: linear-cls's map fitted on its inputs h = ReLU(f W) before and after the task
           (M x M, from fewer images than M through the push-through identity), which carries G -> B^T G B and
           Q -> B^T Q exactly, with no Gaussian to draw (ridge only; with M = 0 it is linear-cls);
+  ldc     learnable drift compensation (LDC, Gomez-Villa et al. ECCV 2024, arXiv 2407.08536): a bias-free linear
+          projector trained by Adam on the mean squared error between the task's augmented images' features before
+          the task, projected, and the same views' features after it; it carries every statistic as the map does;
+  linear-views  linear-cls's map fitted in closed form on the same augmented views as ldc (LDC's data, our solve);
   gaussian  a diagnostic of the ridge head alone: nothing moves, but after each task old classes' sums are rebuilt
           from their Gaussians as a remedy would rebuild them; what the rebuild costs where there is no drift;
   oracle  a diagnostic, never a default: the statistics of every seen class are recomputed from all its
           training images under the current backbone. It uses old data, which no method keeps; the gap to it
-          is what stale statistics cost.
+          is what stale statistics cost;
+  oracle-mean  a diagnostic: old classes' means recomputed as the oracle's, their covariances (and the ridge head's
+          Gaussians) left stale; with the oracle, it splits what stale statistics cost into the means' part and the
+          covariances' part.
 """
 from __future__ import annotations
 
@@ -53,7 +60,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 CLASSIFIERS = ("linear", "align", "ncm", "ridge")
-DRIFT = ("none", "sdc", "linear", "linear-cv", "linear-cls", "linear-h", "adc", "adc-linear", "gaussian", "oracle")  # what moves old statistics when the backbone changes
+DRIFT = ("none", "sdc", "linear", "linear-cv", "linear-cls", "linear-h", "adc", "adc-linear", "ldc", "linear-views",
+         "gaussian", "oracle", "oracle-mean")  # what moves old statistics when the backbone changes
 ALIGN_SAMPLES = 256  # features sampled per class and epoch, SLCA's num_sampled_pcls
 ALIGN_EPOCHS = 20  # SLCA uses 5 (ca_epochs) on 100 classes; with 10 classes 20 measured better (docs/deviations.md, deviation 24)
 ALIGN_LR = 0.01  # SGD, momentum 0.9, cosine-annealed over the epochs (SLCA)
@@ -74,6 +82,10 @@ ADC_STEPS = 3  # ADC's adv_epoch: gradient steps per pushed image
 # 0.045 per input element (root mean square); we normalise per image at that size, so that one pass can push images
 # toward many classes at any resolution (docs/deviations.md, deviation 38).
 ADC_STEP = 25 / (100 * 3 * 32 * 32) ** 0.5
+# LDC trains its projector for 20 epochs of the task's augmented training batches (128 images), Adam at 1e-3; an
+# epoch is one fresh view of every image, so 20 views per image hold the same data
+LDC_VIEWS, LDC_BATCH, LDC_LR = 20, 128, 1e-3
+MAPS = ("linear", "linear-cv", "linear-cls", "adc-linear", "ldc", "linear-views")  # remedies that carry every statistic
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -277,6 +289,34 @@ def choose_map_ridge_by_class(before: Tensor, after: Tensor, labels: Tensor,
     return ridges[min(range(len(ridges)), key=errors.__getitem__)], errors
 
 
+def ldc_projector(before: Tensor, after: Tensor, gen: torch.Generator, *, batch: int = LDC_BATCH,
+                  lr: float = LDC_LR) -> Tensor:
+    """LDC's forward projector P (D, D), features as rows: f -> f P (Gomez-Villa et al. ECCV 2024, arXiv 2407.08536).
+
+    before, after: (E, N, D), epoch e's augmented view of each of the task's N images under the backbone before and
+    after the task. Each epoch takes its views in a fresh order, `batch` at a time, one Adam step each on the mean
+    squared error between before P and after; bias-free, as LDC's nn.Linear. Returns P, float64.
+    """
+    # reconstructed: LDC's projector starts at PyTorch's random initialisation; ours starts at the identity (no
+    # drift): our tasks give it 60 steps (300 images, 20 epochs of 128), too few to leave a random map
+    # (docs/deviations.md, deviation 41).
+    E, N, D = before.shape
+    P = nn.Parameter(torch.eye(D, device=before.device))
+    opt = torch.optim.Adam([P], lr=lr)
+    with torch.enable_grad():
+        for e in range(E):
+            order = torch.randperm(N, generator=gen, device=gen.device).to(before.device)
+            for s in range(0, N, batch):
+                i = order[s:s + batch]
+                loss = F.mse_loss(before[e, i].float() @ P, after[e, i].float())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    if not torch.isfinite(P).all():
+        raise FloatingPointError("LDC's projector is not finite")
+    return P.detach().double()
+
+
 def gaussian_gram(means: Tensor, factors: Tensor, counts: Tensor, projection: Tensor | None,
                   gen: torch.Generator, draws: int = 1) -> tuple[Tensor, Tensor]:
     """The ridge head's sums G = sum h^T h and Q = sum h^T y over old classes, regenerated from their Gaussians.
@@ -384,15 +424,21 @@ class Classifier:
     def regenerates(self) -> bool:
         """Whether the ridge head rebuilds old classes' G and Q from their Gaussians after a remedy moved them
         (gaussian_gram): when only means move (sdc, adc), or a map meets a ReLU projection, which G cannot follow,
-        or as a diagnostic with nothing moved (gaussian). The plain ridge head (M = 0) under a linear map carries G
+        or as a diagnostic with nothing moved (gaussian) or only the means (oracle-mean). The plain ridge head (M = 0) under a linear map carries G
         exactly instead."""
-        return self.kind == "ridge" and (self.drift in ("sdc", "adc", "gaussian") or (
-            self.drift in ("linear", "linear-cv", "linear-cls", "adc-linear") and self.projection is not None))
+        return self.kind == "ridge" and (self.drift in ("sdc", "adc", "gaussian", "oracle-mean") or (
+            self.drift in MAPS and self.projection is not None))
 
     @property
     def needs_features_before(self) -> bool:
         """Whether end_task_ wants the task's features under the backbone before the task as well."""
-        return self.needs_features and self.drift not in ("none", "gaussian", "oracle")
+        return self.needs_features and self.drift not in ("none", "gaussian", "oracle", "oracle-mean", "ldc")
+
+    @property
+    def needs_views(self) -> bool:
+        """Whether end_task_ wants LDC_VIEWS augmented views of the task's images under the backbone before and
+        after the task (ldc, linear-views)."""
+        return self.needs_features and self.drift in ("ldc", "linear-views")
 
     @property
     def needs_backbone_before(self) -> bool:
@@ -402,7 +448,7 @@ class Classifier:
     @property
     def needs_seen_features(self) -> bool:
         """Whether end_task_ wants every seen task's features under the current backbone (the oracle)."""
-        return self.needs_features and self.drift == "oracle"
+        return self.needs_features and self.drift in ("oracle", "oracle-mean")
 
     def _add(self, features: Tensor, labels: Tensor, classes: range) -> Tensor | None:
         """Append the statistics of one task's classes; the ridge head returns its input h for these features."""
@@ -442,14 +488,17 @@ class Classifier:
     @torch.no_grad()
     def end_task_(self, features: Tensor, labels: Tensor, classes: range, gen: torch.Generator,
                   before: Tensor | None = None, seen: list[tuple[Tensor, Tensor, range]] | None = None,
-                  probe: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]] | None = None) -> None:
+                  probe: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]] | None = None,
+                  views: tuple[Tensor, Tensor] | None = None) -> None:
         """Add the task's classes' statistics (features: (N, D) of the task's training images, labels global) and
         rewrite the head's rows of every seen class.
 
         before: the same images' features under the backbone before the task (every remedy); seen: (features,
         labels, classes) of every seen task under the current backbone, this one included and last (oracle);
         probe: old classes' means -> ADC's pushed images' (classes, features before, features after)
-        (adversarial_pairs with the task's images and both backbones; adc, adc-linear).
+        (adversarial_pairs with the task's images and both backbones; adc, adc-linear); views: (E, N, D) features
+        of E augmented views of the task's images (in the order of `labels`) before and after the task (ldc,
+        linear-views).
         """
         if self.kind == "linear":
             return
@@ -485,6 +534,15 @@ class Classifier:
                 y = torch.cat([labels, target + classes.stop])
                 self.map_ridge, _ = choose_map_ridge_by_class(b, a, y)
                 self._transform(linear_drift_map(b, a, self.map_ridge))
+            if old and self.drift == "ldc":  # its shuffles from a copy of gen: the head's own draws stay the stale head's
+                self._transform(ldc_projector(*views, torch.Generator(gen.device).set_state(gen.get_state())))
+            if old and self.drift == "linear-views":  # the unaugmented images and every view, with linear-cls's ridge
+                b, a = torch.cat([before, views[0].flatten(0, 1)]), torch.cat([features, views[1].flatten(0, 1)])
+                y = labels.repeat(len(views[0]) + 1)
+                self.map_ridge, _ = choose_map_ridge_by_class(b, a, y)
+                self._transform(linear_drift_map(b, a, self.map_ridge))
+            if old and self.drift == "oracle-mean":  # the oracle's means, the stored covariances
+                self.means = torch.cat([ncm_means(f, y, c) for f, y, c in seen[:-1]])
             if old and self.regenerates:
                 self.G, self.Q = gaussian_gram(self.means, self.factors, self.counts, self.projection, gen,
                                                self.draws)

@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from classifier import Classifier, adversarial_pairs
+from classifier import LDC_VIEWS, Classifier, adversarial_pairs
 from data import (SplitData, UserError, class_order, domain_class_order, domain_task_layout, load_cifar100,
                   load_fashion_mnist, make_synthetic, read_image_folder, split_data, with_domains)
 from flags import CLArgs, bf16_autocast, domain_task_counts, normalization_values, parse_heads, parse_lambdas
@@ -67,6 +67,12 @@ def run_generators(seed: int, device: torch.device) -> tuple[torch.Generator, to
 def head_generator(seed: int, task: int, device: torch.device) -> torch.Generator:
     """The classifier's sampling after `task`: a function of (seed, task) alone, so a resumed run needs no state."""
     return torch.Generator(device=device).manual_seed(seed * 100_003 + task + 2)
+
+
+def view_generator(seed: int, task: int, device: torch.device) -> torch.Generator:
+    """The augmented views LDC's projector is fitted on after `task` (classifier.LDC_VIEWS): drawn twice from this
+    seed, under the backbone before the task and after it, so both backbones see the same views."""
+    return torch.Generator(device=device).manual_seed(seed * 100_003 + task + 50_000_017)
 
 
 def random_projection(seed: int, dim: int, width: int, device: torch.device) -> Tensor | None:
@@ -378,6 +384,25 @@ def task_features(model: ViT, data: SplitData, task: int, *, batch_size: int, im
                                                                normalize)).float())
     model.train()
     return torch.cat(feats), data.train_y[idx]
+
+
+@torch.no_grad()
+def task_views(model: ViT, data: SplitData, task: int, views: int, gen: torch.Generator, *, batch_size: int,
+               img_size: int, normalize: str, amp: bool) -> Tensor:
+    """Class-token features (views, N, D) float32 of `views` augmented views (the training augmentation) of each of
+    the task's training images, in task_features' order; the views are a function of the generator's state."""
+    model.eval()
+    idx = data.train_indices(task)
+    out = []
+    for _ in range(views):
+        feats = []
+        for s in range(0, len(idx), batch_size):
+            x = to_model_input(augment(data.train_x[idx[s:s + batch_size]], gen), img_size, normalize)
+            with torch.autocast(data.train_x.device.type, dtype=torch.bfloat16, enabled=amp):
+                feats.append(model.forward_features(x).float())
+        out.append(torch.cat(feats))
+    model.train()
+    return torch.stack(out)
 
 
 def frozen_copy(model: ViT) -> ViT:
@@ -823,10 +848,13 @@ def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, 
                               amp=amp)
             needs_before = any(h.needs_features_before for h in heads) and task
             before = task_features(model, data, task, **feature_kw)[0] if needs_before else None
-            # ADC pushes images through the backbone as it was before the task: a frozen copy (not training)
+            needs_views = task and any(h.needs_views for h in heads)  # LDC's augmented views, before and after
             t1 = time.perf_counter()
+            views_before = task_views(model, data, task, LDC_VIEWS, view_generator(args.seed, task, device),
+                                      **feature_kw) if needs_views else None
+            # ADC pushes images through the backbone as it was before the task: a frozen copy (not training)
             old_model = frozen_copy(model) if needs_before and any(h.needs_backbone_before for h in heads) else None
-            copy_seconds = time.perf_counter() - t1
+            copy_seconds = time.perf_counter() - t1  # the views and the copy
             trainable = train_task(model, method, batches, epochs=args.epochs, lr=args.lr,
                                    head_lr=args.head_lr or args.lr, task=task,
                                    tasks=args.tasks, clock=clock, log=log, amp=amp)
@@ -838,19 +866,22 @@ def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, 
                 t1 = time.perf_counter()
                 probe = None if old_model is None else adversarial_probe(old_model, model, data, task, before,
                                                                           **feature_kw)
+                views = None if not needs_views else (views_before, task_views(
+                    model, data, task, LDC_VIEWS, view_generator(args.seed, task, device), **feature_kw))
                 seen = None
                 if any(h.needs_seen_features for h in heads):  # the oracle: every seen task under today's backbone
                     seen = [(*task_features(model, data, j, **feature_kw), range(*data.task_range(j)))
                             for j in range(task)] + [(feats, labels, batches.classes)]
-                if not head.needs_seen_features:
-                    compare_seconds += time.perf_counter() - t1
-                head.end_task_(feats, labels, batches.classes, head_generator(args.seed, task, device), before, seen,
-                               probe)
+                # the heads beside the run's first: they start from the new classes' rows as trained, which the run's
+                # head (writing into the model's head) is about to rewrite
+                passes = time.perf_counter() - t1  # the probe's, the views' and the oracle's passes
                 t1 = time.perf_counter()
                 for h in beside.values():
                     h.end_task_(feats, labels, batches.classes, head_generator(args.seed, task, device), before, seen,
-                                probe)
-                compare_seconds += time.perf_counter() - t1
+                                probe, views)
+                compare_seconds += time.perf_counter() - t1 + (0.0 if head.needs_seen_features else passes)
+                head.end_task_(feats, labels, batches.classes, head_generator(args.seed, task, device), before, seen,
+                               probe, views)
             if head.lam is not None:
                 info["ridge_lambda"] = head.lam
             if head.map_ridge is not None:  # the drift map's ridge its held-out error chose (linear-cv, -cls, adc-linear)
@@ -859,7 +890,7 @@ def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, 
                 info["compare_heads"] = {name: {k: v for k, v in (("lambda", h.lam), ("map_ridge", h.map_ridge))
                                                 if v is not None} for name, h in beside.items()}
                 info["compare_heads_seconds"] = compare_seconds
-            info["consolidate_seconds"] = time.perf_counter() - t0 - compare_seconds
+            info["consolidate_seconds"] = time.perf_counter() - t0 - (compare_seconds - copy_seconds)  # copy: before t0
             train_seconds += time.perf_counter() - t_task - compare_seconds  # training and consolidation only
             stored = [*method.stored_tensors(), *head.stored_tensors()]
             info["stored_tensors"], info["stored_params"] = len(stored), sum(t.numel() for t in stored)

@@ -99,11 +99,14 @@ class CLArgs:
                              "chosen by the error on a held-out class of the task); linear-h (ridge: that map fitted on "
                              "the head's inputs h = ReLU(f W), carrying its sums exactly); adc (each old mean moves by the "
                              "drift of the task's images pushed toward it through the backbone before the task); "
-                             "adc-linear (the map fitted on the task's and the pushed images); gaussian (a "
+                             "adc-linear (the map fitted on the task's and the pushed images); ldc (LDC: a linear "
+                             "projector trained by Adam on 20 augmented views of the task's images); linear-views "
+                             "(linear-cls's map fitted on those views); gaussian (a "
                              "diagnostic of the ridge head: its sums rebuilt from old classes' unmoved Gaussians); "
                              "oracle (a diagnostic "
                              "that uses old data: recomputed from every seen class's training images under the "
-                             "current backbone). The ridge head rebuilds its sums from each class's moved Gaussian, "
+                             "current backbone); oracle-mean (a diagnostic: the oracle's means, stale "
+                             "covariances). The ridge head rebuilds its sums from each class's moved Gaussian, "
                              "or with --rp-dim 0 under a map carries them exactly",
                      choices=DRIFT)
     rp_dim: int = arg(2000, "ridge: the random projection's width M (0: the plain ridge head on the features)")

@@ -99,7 +99,8 @@ def describe_drift_recovery(a_last: dict[str, float], shares: dict[str, float | 
     for name, share in shares.items():
         kind = name.partition("/")[0]
         stale, oracle = a_last[kind], a_last[f"{kind}/oracle"]
-        lines.append(f"drift: {name} wins back " + (f"{100 * share:.0f}% of the {oracle - stale:.2f} points stale "
+        verb = "(the oracle's means, stale covariances) wins back" if name.endswith("/oracle-mean") else "wins back"
+        lines.append(f"drift: {name} {verb} " + (f"{100 * share:.0f}% of the {oracle - stale:.2f} points stale "
                                                       f"statistics cost" if share is not None else
                                                       f"nothing measurable (the oracle is {oracle - stale:+.2f})")
                      + f" ({kind} {stale:.2f} -> {a_last[name]:.2f}; oracle {oracle:.2f})")

@@ -62,13 +62,16 @@ def test_a_baseline_draws_no_mechanism(tmp_path):
 
 def test_drift_recovery_by_hand():
     a_last = {"align": 60.0, "align/oracle": 80.0, "align/sdc": 65.0, "align/linear": 55.0,
-              "ridge": 70.0, "ridge/oracle": 70.2, "ridge/sdc": 71.0, "ridge0/linear": 50.0}
+              "ridge": 70.0, "ridge/oracle": 70.2, "ridge/sdc": 71.0, "ridge0/linear": 50.0, "align/oracle-mean": 75.0}
     shares = report.drift_recovery(a_last)
-    assert shares == {"align/sdc": 0.25, "align/linear": -0.25, "ridge/sdc": None}  # ridge0: no stale, no oracle
+    assert shares == {"align/sdc": 0.25, "align/linear": -0.25, "ridge/sdc": None,  # ridge0: no stale, no oracle
+                      "align/oracle-mean": 0.75}
     lines = report.describe_drift_recovery(a_last, shares)
     assert lines[0] == ("drift: align/sdc wins back 25% of the 20.00 points stale statistics cost "
                         "(align 60.00 -> 65.00; oracle 80.00)")
     assert "nothing measurable" in lines[2]
+    assert lines[3] == ("drift: align/oracle-mean (the oracle's means, stale covariances) wins back 75% of the 20.00 "
+                        "points stale statistics cost (align 60.00 -> 75.00; oracle 80.00)")
 
 
 def test_a_run_reports_what_its_remedies_win_back(tmp_path):

@@ -11,8 +11,8 @@ from hypothesis import given, strategies as st
 
 import continual
 from classifier import (Classifier, adversarial_means, adversarial_pairs, choose_lambda, choose_map_ridge,
-                        carry, choose_map_ridge_by_class, class_statistics, gaussian_gram, linear_drift_map, one_hot,
-                        project, ridge_solve)
+                        carry, choose_map_ridge_by_class, class_statistics, gaussian_gram, ldc_projector,
+                        linear_drift_map, ncm_means, one_hot, project, ridge_solve)
 from conftest import TINY, learned, run_script
 from flags import CLArgs
 
@@ -178,11 +178,14 @@ SEQ = [*BASE, "--lam", "0", "--grad-density", "1"]
 
 def test_a_head_beside_the_run_equals_a_run_with_that_head(tmp_path):
     """SeqLoRA's training does not read the head after a task, so the ridge head kept beside an aligned run is the
-    ridge run's head, and the other way round, to the bit."""
-    run_script("treelora", [*SEQ, "--classifier", "align", "--compare-heads", "ridge", "--out", str(tmp_path / "a")])
+    ridge run's head, and the other way round, to the bit; an aligned head beside an aligned run is the run's."""
+    run_script("treelora", [*SEQ, "--classifier", "align", "--compare-heads", "ridge,align", "--out", str(tmp_path / "a")])
     run_script("treelora", [*SEQ, "--classifier", "ridge", "--compare-heads", "align", "--out", str(tmp_path / "r")])
     a, r = (json.loads((tmp_path / k / "results.json").read_text()) for k in ("a", "r"))
     assert a["heads"]["ridge"]["accuracy_matrix"] == r["accuracy_matrix"]
+    assert a["heads"]["align"]["accuracy_matrix"] == a["accuracy_matrix"]  # it starts from the rows as trained too
+    c = torch.load(tmp_path / "a" / continual.CHECKPOINT, weights_only=True)
+    assert torch.equal(c["compare_heads"]["align"]["weight"], c["model"]["head.weight"])
     assert r["heads"]["align"]["accuracy_matrix"] == a["accuracy_matrix"]
     assert a["heads"]["ridge"]["lambdas"] == [t["ridge_lambda"] for t in r["tasks"]]
     assert r["stored_params"] == 64 * 64 + 64 * 100  # G and Q over the 100 synthetic classes
@@ -191,15 +194,17 @@ def test_a_head_beside_the_run_equals_a_run_with_that_head(tmp_path):
 
 def test_first_session_adapts_on_task_one_only(tmp_path):
     """Task 1 trains exactly as SeqLoRA's does; from then on the backbone never moves, so statistics taken after
-    any task are what the oracle recomputes, and the plain ridge head with and without it agree to the bit."""
+    any task are what the oracle recomputes, and the plain ridge head with and without it agree to the bit; LDC's
+    projector sees the same views under the backbone before and after each later task, so it stays the identity."""
     ridge = ["--classifier", "ridge", "--rp-dim", "0"]
-    run_script("baselines", [*BASE, *ridge, "--baseline", "first-session", "--compare-heads", "ridge0/oracle",
+    run_script("baselines", [*BASE, *ridge, "--baseline", "first-session", "--compare-heads", "ridge0/oracle,ridge0/ldc",
                              "--out", str(tmp_path / "first")])
     run_script("treelora", [*SEQ, *ridge, "--out", str(tmp_path / "seq")])
     first, seq = (json.loads((tmp_path / k / "results.json").read_text()) for k in ("first", "seq"))
     assert first["method"] == "first-session" and first["finished"] and learned(first)
     assert first["accuracy_matrix"][0] == seq["accuracy_matrix"][0]
     assert first["heads"]["ridge0/oracle"]["accuracy_matrix"] == first["accuracy_matrix"]
+    assert first["heads"]["ridge0/ldc"]["accuracy_matrix"] == first["accuracy_matrix"]
     assert seq["accuracy_matrix"][-1] != first["accuracy_matrix"][-1]  # SeqLoRA's backbone moved on
     log = (tmp_path / "first" / "log.txt").read_text()
     assert log.count("nothing to train") == 3  # ridge replaces the head's rows: after task 1 nothing trains
@@ -307,7 +312,8 @@ def test_adc_heads_run_beside_a_run_without_changing_it(tmp_path):
     map of h (linear-h) carries RanPAC's sums."""
     argv = [*TINY, "--tasks", "2", "--epochs", "1", "--train-per-class", "2", "--classifier", "ncm"]
     run_script("treelora", [*argv, "--out", str(tmp_path / "plain")])
-    run_script("treelora", [*argv, "--compare-heads", "ncm/adc,ridge0/adc-linear,ridge/adc,ridge/linear-h",
+    run_script("treelora", [*argv, "--compare-heads", "ncm/adc,ridge0/adc-linear,ridge/adc,ridge/linear-h,align/ldc,"
+                                               "ridge/linear-views,ncm/oracle-mean",
                             "--rp-dim", "32",
                             "--out", str(tmp_path / "adc")])
     plain, adc = (json.loads((tmp_path / k / "results.json").read_text()) for k in ("plain", "adc"))
@@ -327,6 +333,10 @@ def test_adc_heads_run_beside_a_run_without_changing_it(tmp_path):
     assert rebuilt["factors"].shape == (100, *rebuilt["factors"].shape[1:]) and rebuilt["counts"].sum() == 200
     carried = c_adc["compare_heads"]["ridge/linear-h"]  # the map of h carries G itself: no Gaussian kept
     assert carried["factors"] is None and carried["G"].shape == (32, 32)
+    ldc = c_adc["compare_heads"]["align/ldc"]  # LDC's projector, fitted on augmented views, moved the old classes
+    assert not torch.equal(ldc["means"][:50], c_adc["compare_heads"]["ncm/oracle-mean"]["means"][:50])
+    assert adc["tasks"][1]["compare_heads"]["ridge/linear-views"]["map_ridge"] in classifier.CLASS_RIDGES
+    assert all(t["consolidate_seconds"] >= 0 for t in adc["tasks"])  # the views and the copy are not consolidation
 
 
 def test_gaussian_gram_of_point_masses_is_the_direct_sum():
@@ -458,3 +468,60 @@ def test_the_head_space_map_carries_a_projected_head_exactly_where_h_moves_linea
     assert torch.allclose(moved.G, oracle.G, rtol=1e-3, atol=1e-3 * oracle.G.abs().max().item())
     assert torch.allclose(moved.Q, oracle.Q, rtol=1e-3, atol=1e-3 * oracle.Q.abs().max().item())
     assert not torch.allclose(stale.G, oracle.G, rtol=0.1)
+
+
+def test_ldc_projector_stays_at_the_identity_without_drift_and_moves_toward_a_drift():
+    """LDC's projector starts at the identity: where the views do not move it gets no gradient and stays there
+    exactly; under a linear drift each epoch of Adam brings it closer to the drift's map (its fit error falls)."""
+    g = torch.Generator().manual_seed(0)
+    D = 6
+    before = torch.randn(4, 50, D, generator=g)
+    assert torch.equal(ldc_projector(before, before, torch.Generator().manual_seed(1)), torch.eye(D, dtype=torch.float64))
+    A = torch.eye(D) + 0.3 * torch.randn(D, D, generator=g)
+    errors = [(ldc_projector(before[:e], before[:e] @ A, torch.Generator().manual_seed(1), lr=0.05) - A).norm().item()
+              for e in (1, 2, 4)]
+    assert errors[0] < (torch.eye(D) - A).norm().item() and errors[2] < errors[1] < errors[0]
+
+
+def test_the_map_on_views_is_linear_cls_fitted_on_the_images_and_their_views():
+    """--drift linear-views: the held-out-class map of the task's images and every augmented view together, each
+    view keeping its image's class, moves the old means as that map computed directly does."""
+    feats, labels = blobs(4, 20, 5, seed=7)
+    g = torch.Generator().manual_seed(3)
+    A = torch.eye(5) + 0.2 * torch.randn(5, 5, generator=g)
+    views_before = feats[40:] + 0.3 * torch.randn(3, 40, 5, generator=g)  # (E, N, D), in the images' order
+    views_after = views_before @ A + 0.05 * torch.randn(3, 40, 5, generator=g)
+    c = Classifier("ncm", nn.Linear(5, 4), "linear-views")
+    c.end_task_(feats[:40], labels[:40], range(0, 2), g)
+    old = c.means.clone()
+    c.end_task_(feats[40:] @ A, labels[40:], range(2, 4), g, before=feats[40:], views=(views_before, views_after))
+    b = torch.cat([feats[40:], views_before.flatten(0, 1)])
+    a = torch.cat([feats[40:] @ A, views_after.flatten(0, 1)])
+    ridge, _ = choose_map_ridge_by_class(b, a, labels[40:].repeat(4))
+    assert c.map_ridge == ridge
+    assert torch.allclose(c.means[:2], (old.double() @ linear_drift_map(b, a, ridge)).float(), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["align", "ridge"])
+def test_oracle_means_take_the_oracles_means_and_keep_the_stale_covariances(kind):
+    """--drift oracle-mean: after a drift the old classes' means are the oracle's (their images under today's
+    backbone) and their covariance factors the ones stored when their task ended; the ridge head rebuilds its sums
+    from those Gaussians."""
+    feats, labels = blobs(4, 30, 5, seed=8)
+    A = torch.eye(5) + 0.5 * torch.randn(5, 5, generator=torch.Generator().manual_seed(4))
+    projection = continual.random_projection(0, 5, 16, torch.device("cpu")) if kind == "ridge" else None
+    heads = {}
+    for drift in ("none", "oracle-mean"):
+        c = Classifier(kind, nn.Linear(5, 4), drift, projection=projection)
+        c.end_task_(feats[:60], labels[:60], range(0, 2), torch.Generator().manual_seed(1),
+                    seen=[(feats[:60], labels[:60], range(0, 2))])
+        stored = None if c.factors is None else c.factors.clone()
+        c.end_task_(feats[60:] @ A, labels[60:], range(2, 4), torch.Generator().manual_seed(1),
+                    seen=[(feats[:60] @ A, labels[:60], range(0, 2)), (feats[60:] @ A, labels[60:], range(2, 4))])
+        heads[drift] = (c, stored)
+    c, stored = heads["oracle-mean"]
+    assert torch.allclose(c.means[:2], ncm_means(feats[:60] @ A, labels[:60], range(0, 2)))
+    assert torch.equal(c.factors[:2], stored) and torch.equal(c.factors[2:], class_statistics(
+        feats[60:] @ A, labels[60:], range(2, 4))[1])
+    if kind == "ridge":  # the old classes' sums rebuilt from the moved means, the new task's exact
+        assert not torch.allclose(c.G, heads["none"][0].G) and torch.allclose(c.Q[:, 2:], heads["none"][0].Q[:, 2:])
