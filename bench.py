@@ -142,6 +142,15 @@ RANPAC_10 = {k: v for k, v in RANPAC.items() if "of h" not in k}  # linear-h dra
 # so one ADC head per run keeps the runs as long as the adc set's
 ADC_RIDGE = {"ridge": "ridge", "ridge, linear drift (held-out class)": "ridge/linear-cls",
              "ridge, ADC + linear map": "ridge/adc-linear", "ridge, oracle": "ridge/oracle"}
+# LDC's projector (Adam on 20 augmented views of the task's images) and linear-cls's map solved on the same views, on
+# both heads; the oracle's means with stale covariances split what stale statistics cost into the means' part and
+# the covariances' part (deviation 41)
+LDC = {"align": None, "align, LDC": "align/ldc", "align, linear map on views (held-out class)": "align/linear-views",
+       "align, linear drift (held-out class)": "align/linear-cls", "align, oracle means": "align/oracle-mean",
+       "align, oracle": "align/oracle", "ridge": "ridge", "ridge, LDC": "ridge/ldc",
+       "ridge, linear map on views (held-out class)": "ridge/linear-views", "ridge, oracle means": "ridge/oracle-mean",
+       "ridge, oracle": "ridge/oracle"}
+LDC_RUN = ["--drift", "none", *TEN_DRAWS]  # named: runs of their own, without the heads other sets keep beside theirs
 # set -> label -> (script, extra flags[, head]); {tasks} is filled in. A row with a head reads that --compare-heads
 # entry of the run its script and flags make, so rows of one run share it. The first row of an ablation set is the
 # method.
@@ -183,6 +192,11 @@ SETS = {
         **learner_rows("TreeLoRA (10 draws)", "treelora", [*ALIGN, *TEN_DRAWS], ADC_RIDGE),
         **learner_rows("TRM (10 draws)", "trm", [*ALIGN, *TEN_DRAWS], ADC_RIDGE),
         **learner_rows("SeqLoRA (10 draws)", SEQLORA[0], [*SEQLORA[1], *ALIGN, *TEN_DRAWS], ADC_RIDGE),
+    },
+    "ldc": {  # LDC and the map on augmented views; the stale loss split into means and covariances (deviation 41)
+        **learner_rows("TreeLoRA (LDC run)", "treelora", [*ALIGN, *LDC_RUN], LDC),
+        **learner_rows("TRM (LDC run)", "trm", [*ALIGN, *LDC_RUN], LDC),
+        **learner_rows("SeqLoRA (LDC run)", SEQLORA[0], [*SEQLORA[1], *ALIGN, *LDC_RUN], LDC),
     },
     "ham": {
         "HAM": ("ham", []),
@@ -445,6 +459,56 @@ def summarise(label: str, tasks: int, runs: list[dict], head: str | None = None)
                                    if all("merge_seconds" in t for r in runs for t in r["tasks"]) and runs[0]["tasks"]
                                    else None),  # TRM's merge, per task
     }
+
+
+def stale_anatomy(checkpoint: Path, kind: str = "align") -> dict[str, float]:
+    """What stale statistics are, measured on a finished run's checkpoint (its A_last state): the run's own head
+    (stale, `kind`), and beside it KIND/oracle and the remedies KIND/REMEDY that keep means and covariance factors.
+
+    drift_in_spread: old classes' mean drift |mu_oracle - mu_stale| over their spread sqrt(tr Sigma_oracle), averaged
+    over the classes that moved; spread_ratio: sum tr Sigma_oracle / sum tr Sigma_stale (how the spread itself grew);
+    cov_drift: sum |Sigma_oracle - Sigma_stale|_F / sum |Sigma_stale|_F; for each remedy, the share of the means'
+    drift it explains, 1 - sum |mu_oracle - mu_remedy|^2 / sum |mu_oracle - mu_stale|^2, and of the covariances'
+    (the same in Frobenius norm). The newest task's classes are the same in every head and add nothing.
+    """
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    heads = state["compare_heads"]
+    stale, oracle = state["classifier"], heads[f"{kind}/oracle"]
+    cov = lambda L: L.double() @ L.double().transpose(1, 2)  # (C, D, D) from the Cholesky factors
+    mu_s, mu_o, S_s, S_o = stale["means"].double(), oracle["means"].double(), cov(stale["factors"]), cov(oracle["factors"])
+    drift = (mu_o - mu_s).norm(dim=1)
+    spread = S_o.diagonal(dim1=1, dim2=2).sum(1).sqrt()
+    moved = drift > 0
+    out = {"drift_in_spread": (drift[moved] / spread[moved]).mean().item(),
+           "spread_ratio": (S_o.diagonal(dim1=1, dim2=2).sum() / S_s.diagonal(dim1=1, dim2=2).sum()).item(),
+           "cov_drift": ((S_o - S_s).flatten(1).norm(dim=1).sum() / S_s.flatten(1).norm(dim=1).sum()).item()}
+    for name, h in heads.items():
+        k, _, remedy = name.partition("/")
+        if k != kind or remedy in ("", "oracle") or h.get("means") is None or h.get("factors") is None:
+            continue
+        out[f"means explained: {remedy}"] = 1 - ((mu_o - h["means"].double()) ** 2).sum().item() / (drift ** 2).sum().item()
+        out[f"covariances explained: {remedy}"] = 1 - ((S_o - cov(h["factors"])) ** 2).sum().item() / (
+            (S_o - S_s) ** 2).sum().item()
+    return out
+
+
+def anatomy_table(runs_folder: Path, set_name: str, tasks: int, seeds: int) -> str:
+    """stale_anatomy of every run of a set, mean ± std over the seeds, as a markdown table (a row per learner)."""
+    rows, columns = [], None
+    for (script, extra) in dict.fromkeys((script, tuple(extra)) for script, extra, _ in set_rows(set_name).values()):
+        folder = runs_folder / f"T{tasks}" / run_name(script, list(extra))
+        found = [folder / f"seed{s}" / continual.CHECKPOINT for s in range(seeds)]
+        if not all(f.exists() for f in found):
+            continue
+        values = [stale_anatomy(f) for f in found]
+        columns = columns or list(values[0])
+        label = next(k.split(" + ")[0] for k, (sc, ex, _) in set_rows(set_name).items() if (sc, tuple(ex)) == (script, extra))
+        rows.append(f"| {label} | " + " | ".join(
+            f"{statistics.mean(v[c] for v in values):.3f} ± "
+            f"{statistics.stdev(v[c] for v in values) if len(values) > 1 else 0.0:.3f}" for c in columns) + " |")
+    if not rows:
+        return ""
+    return "\n".join([f"| run | {' | '.join(columns)} |", "| --- " * (len(columns) + 1) + "|", *rows])
 
 
 def structure_row(runs: list[dict]) -> dict:
@@ -1228,6 +1292,10 @@ def main() -> None:
         plot = plot_curves(result["curves"], out / f"{name}.png")
         print(f"\n{stamp} ({time.perf_counter() - t0:.0f} s, {args.jobs} job(s) at a time)\n\n{table}\n\n{plot}")
         report[args.set] = {**result, "preset": PRESETS[args.preset], "table": table}
+        if args.set == "ldc":  # the stale statistics' anatomy, from each run's final checkpoint (stale_anatomy)
+            anatomy = anatomy_table(runs, args.set, (args.tasks or PRESETS[args.preset]["tasks"])[0], args.seeds)
+            table += f"\n\nWhat stale statistics are at the end of each run (aligned head; bench.stale_anatomy):\n\n{anatomy}"
+            print(f"\n{anatomy}")
         (out / f"{name}.md").write_text(f"{stamp}\n\n{table}\n")
 
     if args.search and not args.speed:
