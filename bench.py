@@ -151,6 +151,14 @@ LDC = {"align": None, "align, LDC": "align/ldc", "align, linear map on views (he
        "ridge, linear map on views (held-out class)": "ridge/linear-views", "ridge, oracle means": "ridge/oracle-mean",
        "ridge, oracle": "ridge/oracle"}
 LDC_RUN = ["--drift", "none", *TEN_DRAWS]  # named: runs of their own, without the heads other sets keep beside theirs
+# a map moving the means alone (linear-cls-mean, deviation 42) beside the same map moving every statistic, with the
+# oracle's means and the oracle on the same runs: whether what the map does to the covariances costs what it wins
+MEANS = {"align": None, "align, linear drift (held-out class)": "align/linear-cls",
+         "align, the same map on the means only": "align/linear-cls-mean", "align, oracle means": "align/oracle-mean",
+         "align, oracle": "align/oracle", "ridge": "ridge", "ridge, linear drift (held-out class)": "ridge/linear-cls",
+         "ridge, the same map on the means only": "ridge/linear-cls-mean", "ridge, oracle means": "ridge/oracle-mean",
+         "ridge, oracle": "ridge/oracle"}
+MEANS_RUN = ["--drift", "none", "--rp-dim", "2000", *TEN_DRAWS]  # defaults named: runs of their own, without views
 # set -> label -> (script, extra flags[, head]); {tasks} is filled in. A row with a head reads that --compare-heads
 # entry of the run its script and flags make, so rows of one run share it. The first row of an ablation set is the
 # method.
@@ -197,6 +205,11 @@ SETS = {
         **learner_rows("TreeLoRA (LDC run)", "treelora", [*ALIGN, *LDC_RUN], LDC),
         **learner_rows("TRM (LDC run)", "trm", [*ALIGN, *LDC_RUN], LDC),
         **learner_rows("SeqLoRA (LDC run)", SEQLORA[0], [*SEQLORA[1], *ALIGN, *LDC_RUN], LDC),
+    },
+    "means": {  # the held-out-class map on the means alone, the covariances stale (deviation 42)
+        **learner_rows("TreeLoRA (means run)", "treelora", [*ALIGN, *MEANS_RUN], MEANS),
+        **learner_rows("TRM (means run)", "trm", [*ALIGN, *MEANS_RUN], MEANS),
+        **learner_rows("SeqLoRA (means run)", SEQLORA[0], [*SEQLORA[1], *ALIGN, *MEANS_RUN], MEANS),
     },
     "ham": {
         "HAM": ("ham", []),

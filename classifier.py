@@ -48,7 +48,10 @@ the methods keep no old data to refresh them with. `drift` says what happens to 
           is what stale statistics cost;
   oracle-mean  a diagnostic: old classes' means recomputed as the oracle's, their covariances (and the ridge head's
           Gaussians) left stale; with the oracle, it splits what stale statistics cost into the means' part and the
-          covariances' part.
+          covariances' part;
+  <map>-mean  any map above (linear, linear-cv, linear-cls, adc-linear, ldc, linear-views) moving the means only,
+          the covariances left stale: oracle-mean's remedy counterpart, for backbones whose covariances a map
+          carries worse than it leaves them (docs/results.md).
 """
 from __future__ import annotations
 
@@ -60,8 +63,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 CLASSIFIERS = ("linear", "align", "ncm", "ridge")
+MAPS = ("linear", "linear-cv", "linear-cls", "adc-linear", "ldc", "linear-views")  # remedies that carry every statistic
+MEAN_MAPS = tuple(f"{m}-mean" for m in MAPS)  # the same maps moving the means only (deviation 42)
 DRIFT = ("none", "sdc", "linear", "linear-cv", "linear-cls", "linear-h", "adc", "adc-linear", "ldc", "linear-views",
-         "gaussian", "oracle", "oracle-mean")  # what moves old statistics when the backbone changes
+         "gaussian", "oracle", "oracle-mean", *MEAN_MAPS)  # what moves old statistics when the backbone changes
 ALIGN_SAMPLES = 256  # features sampled per class and epoch, SLCA's num_sampled_pcls
 ALIGN_EPOCHS = 20  # SLCA uses 5 (ca_epochs) on 100 classes; with 10 classes 20 measured better (docs/deviations.md, deviation 24)
 ALIGN_LR = 0.01  # SGD, momentum 0.9, cosine-annealed over the epochs (SLCA)
@@ -85,7 +90,6 @@ ADC_STEP = 25 / (100 * 3 * 32 * 32) ** 0.5
 # LDC trains its projector for 20 epochs of the task's augmented training batches (128 images), Adam at 1e-3; an
 # epoch is one fresh view of every image, so 20 views per image hold the same data
 LDC_VIEWS, LDC_BATCH, LDC_LR = 20, 128, 1e-3
-MAPS = ("linear", "linear-cv", "linear-cls", "adc-linear", "ldc", "linear-views")  # remedies that carry every statistic
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -415,6 +419,9 @@ class Classifier:
         self.ridge_weight: Tensor | None = None  # (M, C) float32: (G + lambda I)^-1 Q
         self.lam: float | None = None  # the last task's lambda
         self.map_ridge: float | None = None  # linear-cv: the last task's ridge of the linear map
+        # the map's name and whether it moves the means only (a <map>-mean drift) or every statistic
+        self.remedy = drift.removesuffix("-mean") if drift in MEAN_MAPS else drift
+        self.means_only = drift in MEAN_MAPS
 
     @property
     def needs_features(self) -> bool:
@@ -424,26 +431,26 @@ class Classifier:
     def regenerates(self) -> bool:
         """Whether the ridge head rebuilds old classes' G and Q from their Gaussians after a remedy moved them
         (gaussian_gram): when only means move (sdc, adc), or a map meets a ReLU projection, which G cannot follow,
-        or as a diagnostic with nothing moved (gaussian) or only the means (oracle-mean). The plain ridge head (M = 0) under a linear map carries G
+        or as a diagnostic with nothing moved (gaussian) or only the means (oracle-mean, a map's -mean). The plain ridge head (M = 0) under a linear map carries G
         exactly instead."""
-        return self.kind == "ridge" and (self.drift in ("sdc", "adc", "gaussian", "oracle-mean") or (
+        return self.kind == "ridge" and (self.drift in ("sdc", "adc", "gaussian", "oracle-mean", *MEAN_MAPS) or (
             self.drift in MAPS and self.projection is not None))
 
     @property
     def needs_features_before(self) -> bool:
         """Whether end_task_ wants the task's features under the backbone before the task as well."""
-        return self.needs_features and self.drift not in ("none", "gaussian", "oracle", "oracle-mean", "ldc")
+        return self.needs_features and self.remedy not in ("none", "gaussian", "oracle", "oracle-mean", "ldc")
 
     @property
     def needs_views(self) -> bool:
         """Whether end_task_ wants LDC_VIEWS augmented views of the task's images under the backbone before and
         after the task (ldc, linear-views)."""
-        return self.needs_features and self.drift in ("ldc", "linear-views")
+        return self.needs_features and self.remedy in ("ldc", "linear-views")
 
     @property
     def needs_backbone_before(self) -> bool:
         """Whether end_task_ wants a probe of the backbone before the task (ADC pushes images through it)."""
-        return self.needs_features and self.drift in ("adc", "adc-linear")
+        return self.needs_features and self.remedy in ("adc", "adc-linear")
 
     @property
     def needs_seen_features(self) -> bool:
@@ -477,7 +484,11 @@ class Classifier:
         return None
 
     def _transform(self, A: Tensor) -> None:
-        """Carry the stored statistics through the linear map f -> f A (features as rows)."""
+        """Carry the stored statistics through the linear map f -> f A (features as rows); a <map>-mean drift
+        carries the means alone."""
+        if self.means_only:
+            self.means = (self.means.double() @ A).float()
+            return
         if self.kind == "ridge" and not self.regenerates:
             self.G, self.Q = A.T @ self.G @ A, A.T @ self.Q
         if self.means is not None:
@@ -513,12 +524,12 @@ class Classifier:
         else:
             if old and self.drift == "sdc":
                 self.means = compensate_drift(self.means, before, features, labels)
-            if old and self.drift == "linear":
+            if old and self.remedy == "linear":
                 self._transform(linear_drift_map(before, features))
-            if old and self.drift == "linear-cv":
+            if old and self.remedy == "linear-cv":
                 self.map_ridge, _ = choose_map_ridge(before, features)
                 self._transform(linear_drift_map(before, features, self.map_ridge))
-            if old and self.drift == "linear-cls":
+            if old and self.remedy == "linear-cls":
                 self.map_ridge, _ = choose_map_ridge_by_class(before, features, labels)
                 self._transform(linear_drift_map(before, features, self.map_ridge))
             if old and self.drift == "linear-h":  # the map of the head's inputs: G and Q follow it exactly
@@ -528,15 +539,15 @@ class Classifier:
                 self.G, self.Q = B.T @ self.G @ B, B.T @ self.Q
             if old and self.drift == "adc":
                 self.means = adversarial_means(self.means, *probe(self.means))
-            if old and self.drift == "adc-linear":  # the pushed images count as classes of their own in the choice
+            if old and self.remedy == "adc-linear":  # the pushed images count as classes of their own in the choice
                 target, pushed_before, pushed_after = probe(self.means)
                 b, a = torch.cat([before, pushed_before]), torch.cat([features, pushed_after])
                 y = torch.cat([labels, target + classes.stop])
                 self.map_ridge, _ = choose_map_ridge_by_class(b, a, y)
                 self._transform(linear_drift_map(b, a, self.map_ridge))
-            if old and self.drift == "ldc":  # its shuffles from a copy of gen: the head's own draws stay the stale head's
+            if old and self.remedy == "ldc":  # its shuffles from a copy of gen: the head's own draws stay the stale head's
                 self._transform(ldc_projector(*views, torch.Generator(gen.device).set_state(gen.get_state())))
-            if old and self.drift == "linear-views":  # the unaugmented images and every view, with linear-cls's ridge
+            if old and self.remedy == "linear-views":  # the unaugmented images and every view, with linear-cls's ridge
                 b, a = torch.cat([before, views[0].flatten(0, 1)]), torch.cat([features, views[1].flatten(0, 1)])
                 y = labels.repeat(len(views[0]) + 1)
                 self.map_ridge, _ = choose_map_ridge_by_class(b, a, y)

@@ -99,7 +99,8 @@ def describe_drift_recovery(a_last: dict[str, float], shares: dict[str, float | 
     for name, share in shares.items():
         kind = name.partition("/")[0]
         stale, oracle = a_last[kind], a_last[f"{kind}/oracle"]
-        verb = "(the oracle's means, stale covariances) wins back" if name.endswith("/oracle-mean") else "wins back"
+        verb = ("(the oracle's means, stale covariances) wins back" if name.endswith("/oracle-mean") else
+                "(the means alone moved, stale covariances) wins back" if name.endswith("-mean") else "wins back")
         lines.append(f"drift: {name} {verb} " + (f"{100 * share:.0f}% of the {oracle - stale:.2f} points stale "
                                                       f"statistics cost" if share is not None else
                                                       f"nothing measurable (the oracle is {oracle - stale:+.2f})")

@@ -313,7 +313,7 @@ def test_adc_heads_run_beside_a_run_without_changing_it(tmp_path):
     argv = [*TINY, "--tasks", "2", "--epochs", "1", "--train-per-class", "2", "--classifier", "ncm"]
     run_script("treelora", [*argv, "--out", str(tmp_path / "plain")])
     run_script("treelora", [*argv, "--compare-heads", "ncm/adc,ridge0/adc-linear,ridge/adc,ridge/linear-h,align/ldc,"
-                                               "ridge/linear-views,ncm/oracle-mean",
+                                               "ridge/linear-views,ncm/oracle-mean,align/ldc-mean",
                             "--rp-dim", "32",
                             "--out", str(tmp_path / "adc")])
     plain, adc = (json.loads((tmp_path / k / "results.json").read_text()) for k in ("plain", "adc"))
@@ -335,6 +335,8 @@ def test_adc_heads_run_beside_a_run_without_changing_it(tmp_path):
     assert carried["factors"] is None and carried["G"].shape == (32, 32)
     ldc = c_adc["compare_heads"]["align/ldc"]  # LDC's projector, fitted on augmented views, moved the old classes
     assert not torch.equal(ldc["means"][:50], c_adc["compare_heads"]["ncm/oracle-mean"]["means"][:50])
+    ldc_mean = c_adc["compare_heads"]["align/ldc-mean"]  # the same projector on the means alone (its own views)
+    assert torch.equal(ldc_mean["means"], ldc["means"]) and not torch.equal(ldc_mean["factors"], ldc["factors"])
     assert adc["tasks"][1]["compare_heads"]["ridge/linear-views"]["map_ridge"] in classifier.CLASS_RIDGES
     assert all(t["consolidate_seconds"] >= 0 for t in adc["tasks"])  # the views and the copy are not consolidation
 
@@ -525,3 +527,31 @@ def test_oracle_means_take_the_oracles_means_and_keep_the_stale_covariances(kind
         feats[60:] @ A, labels[60:], range(2, 4))[1])
     if kind == "ridge":  # the old classes' sums rebuilt from the moved means, the new task's exact
         assert not torch.allclose(c.G, heads["none"][0].G) and torch.allclose(c.Q[:, 2:], heads["none"][0].Q[:, 2:])
+
+
+@pytest.mark.parametrize("kind", ["align", "ridge"])
+def test_a_map_on_the_means_alone_moves_the_means_as_the_map_does_and_keeps_the_stale_covariances(kind):
+    """--drift linear-cls-mean: the old means are the full map's (linear-cls), their covariance factors the ones
+    stored when their task ended (the stale head's); the ridge head rebuilds its sums from those Gaussians, where
+    with a projection the full map rebuilds them from moved covariances."""
+    feats, labels = blobs(4, 30, 5, seed=9)
+    A = torch.eye(5) + 0.5 * torch.randn(5, 5, generator=torch.Generator().manual_seed(5))
+    projection = continual.random_projection(0, 5, 16, torch.device("cpu")) if kind == "ridge" else None
+    heads = {}
+    for drift in ("none", "linear-cls", "linear-cls-mean"):
+        c = Classifier(kind, nn.Linear(5, 4), drift, projection=projection)
+        c.end_task_(feats[:60], labels[:60], range(0, 2), torch.Generator().manual_seed(1))
+        stored = None if c.means is None else (c.means.clone(), c.factors.clone())
+        c.end_task_(feats[60:] @ A, labels[60:], range(2, 4), torch.Generator().manual_seed(1), before=feats[60:])
+        heads[drift] = (c, stored)
+    (stale, _), (full, _), (means_only, (old_means, stored)) = heads.values()
+    assert means_only.remedy == "linear-cls" and means_only.means_only and means_only.regenerates == (kind == "ridge")
+    assert means_only.map_ridge == full.map_ridge is not None
+    assert torch.equal(means_only.means, full.means) and not torch.allclose(means_only.means[:2], old_means)
+    assert torch.equal(means_only.factors[:2], stored) and not torch.allclose(full.factors[:2], stored)
+    assert torch.equal(means_only.factors[2:], full.factors[2:])  # the newest task's classes: taken today
+    if kind == "ridge":  # rebuilt from moved means and stale covariances: neither the stale sums nor the full map's
+        assert not torch.allclose(means_only.G, stale.G) and not torch.allclose(means_only.G, full.G)
+    else:
+        assert not torch.equal(means_only.weight, full.weight)
+    assert classifier.head_problem("linear", "ldc-mean") and not classifier.head_problem("ncm", "adc-linear-mean")
