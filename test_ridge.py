@@ -14,6 +14,7 @@ from classifier import (Classifier, adversarial_means, adversarial_pairs, choose
                         carry, choose_map_ridge_by_class, class_statistics, gaussian_gram, ldc_projector,
                         linear_drift_map, ncm_means, one_hot, project, ridge_solve)
 from conftest import TINY, learned, run_script
+import treelora
 from flags import CLArgs
 
 
@@ -555,3 +556,21 @@ def test_a_map_on_the_means_alone_moves_the_means_as_the_map_does_and_keeps_the_
     else:
         assert not torch.equal(means_only.weight, full.weight)
     assert classifier.head_problem("linear", "ldc-mean") and not classifier.head_problem("ncm", "adc-linear-mean")
+
+
+def test_heads_whose_means_agree_share_one_adc_push(tmp_path, monkeypatch):
+    """ADC's probe pushes images once per distinct set of old means and task: on the first drift every head's means
+    are the stale ones, later ADC's moved means part from the map's, which a map's -mean shares; the nearest-mean
+    head keeps means alone, so a map and its -mean are the same head there."""
+    calls = []
+
+    def counted(means, *args, **kwargs):
+        calls.append(means.clone())
+        return adversarial_pairs(means, *args, **{**kwargs, "per_class": 2})  # two images a class: fast
+
+    monkeypatch.setattr(continual, "adversarial_pairs", counted)
+    r = treelora.main([*TINY, "--tasks", "4", "--epochs", "1", "--train-per-class", "4", "--classifier", "ncm",
+                       "--out", str(tmp_path), "--compare-heads", "ncm/adc,ncm/adc-linear,ncm/adc-linear-mean"])
+    assert len(calls) == 5  # task 2: one push for all three heads; tasks 3 and 4: ADC's means and the map's
+    assert not torch.equal(calls[1], calls[2])
+    assert r["heads"]["ncm/adc-linear"]["accuracy_matrix"] == r["heads"]["ncm/adc-linear-mean"]["accuracy_matrix"]
