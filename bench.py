@@ -159,6 +159,14 @@ MEANS = {"align": None, "align, linear drift (held-out class)": "align/linear-cl
          "ridge, the same map on the means only": "ridge/linear-cls-mean", "ridge, oracle means": "ridge/oracle-mean",
          "ridge, oracle": "ridge/oracle"}
 MEANS_RUN = ["--drift", "none", "--rp-dim", "2000", *TEN_DRAWS]  # defaults named: runs of their own, without views
+# the map fitted on both kinds of evidence (adc-views, deviation 43) beside each kind alone: ADC's pushed images
+# (adc-linear) and the augmented views (linear-views), with the oracle's means and the oracle on the same runs
+EVIDENCE = {"align": None, "align, ADC + linear map": "align/adc-linear",
+            "align, linear map on views (held-out class)": "align/linear-views",
+            "align, ADC + views + linear map": "align/adc-views", "align, oracle means": "align/oracle-mean",
+            "align, oracle": "align/oracle", "ridge": "ridge", "ridge, ADC + views + linear map": "ridge/adc-views",
+            "ridge, oracle": "ridge/oracle"}
+EVIDENCE_RUN = [*MEANS_RUN, "--ridge-lambdas", "1e-8:1e8"]  # a default named: runs of their own
 # set -> label -> (script, extra flags[, head]); {tasks} is filled in. A row with a head reads that --compare-heads
 # entry of the run its script and flags make, so rows of one run share it. The first row of an ablation set is the
 # method.
@@ -210,6 +218,11 @@ SETS = {
         **learner_rows("TreeLoRA (means run)", "treelora", [*ALIGN, *MEANS_RUN], MEANS),
         **learner_rows("TRM (means run)", "trm", [*ALIGN, *MEANS_RUN], MEANS),
         **learner_rows("SeqLoRA (means run)", SEQLORA[0], [*SEQLORA[1], *ALIGN, *MEANS_RUN], MEANS),
+    },
+    "evidence": {  # ADC's pushed images and LDC's views in one map (deviation 43); ADC and 20 views a task: slow
+        **learner_rows("SeqLoRA (evidence run)", SEQLORA[0], [*SEQLORA[1], *ALIGN, *EVIDENCE_RUN], EVIDENCE),
+        **learner_rows("TreeLoRA (evidence run)", "treelora", [*ALIGN, *EVIDENCE_RUN], EVIDENCE),
+        **learner_rows("TRM (evidence run)", "trm", [*ALIGN, *EVIDENCE_RUN], EVIDENCE),
     },
     "ham": {
         "HAM": ("ham", []),

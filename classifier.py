@@ -41,6 +41,8 @@ the methods keep no old data to refresh them with. `drift` says what happens to 
           projector trained by Adam on the mean squared error between the task's augmented images' features before
           the task, projected, and the same views' features after it; it carries every statistic as the map does;
   linear-views  linear-cls's map fitted in closed form on the same augmented views as ldc (LDC's data, our solve);
+  adc-views  linear-cls's map fitted on the task's images, their augmented views and ADC's pushed images together:
+          both kinds of evidence at once (ours);
   gaussian  a diagnostic of the ridge head alone: nothing moves, but after each task old classes' sums are rebuilt
           from their Gaussians as a remedy would rebuild them; what the rebuild costs where there is no drift;
   oracle  a diagnostic, never a default: the statistics of every seen class are recomputed from all its
@@ -49,9 +51,9 @@ the methods keep no old data to refresh them with. `drift` says what happens to 
   oracle-mean  a diagnostic: old classes' means recomputed as the oracle's, their covariances (and the ridge head's
           Gaussians) left stale; with the oracle, it splits what stale statistics cost into the means' part and the
           covariances' part;
-  <map>-mean  any map above (linear, linear-cv, linear-cls, adc-linear, ldc, linear-views) moving the means only,
-          the covariances left stale: oracle-mean's remedy counterpart, for backbones whose covariances a map
-          carries worse than it leaves them (docs/results.md).
+  <map>-mean  any map above (linear, linear-cv, linear-cls, adc-linear, ldc, linear-views, adc-views) moving the
+          means only, the covariances left stale: oracle-mean's remedy counterpart, for backbones whose covariances
+          a map carries worse than it leaves them (docs/results.md).
 """
 from __future__ import annotations
 
@@ -63,10 +65,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 CLASSIFIERS = ("linear", "align", "ncm", "ridge")
-MAPS = ("linear", "linear-cv", "linear-cls", "adc-linear", "ldc", "linear-views")  # remedies that carry every statistic
+# remedies that carry every statistic
+MAPS = ("linear", "linear-cv", "linear-cls", "adc-linear", "ldc", "linear-views", "adc-views")
 MEAN_MAPS = tuple(f"{m}-mean" for m in MAPS)  # the same maps moving the means only (deviation 42)
 DRIFT = ("none", "sdc", "linear", "linear-cv", "linear-cls", "linear-h", "adc", "adc-linear", "ldc", "linear-views",
-         "gaussian", "oracle", "oracle-mean", *MEAN_MAPS)  # what moves old statistics when the backbone changes
+         "adc-views", "gaussian", "oracle", "oracle-mean", *MEAN_MAPS)  # what moves old statistics when the backbone changes
 ALIGN_SAMPLES = 256  # features sampled per class and epoch, SLCA's num_sampled_pcls
 ALIGN_EPOCHS = 20  # SLCA uses 5 (ca_epochs) on 100 classes; with 10 classes 20 measured better (docs/deviations.md, deviation 24)
 ALIGN_LR = 0.01  # SGD, momentum 0.9, cosine-annealed over the epochs (SLCA)
@@ -444,13 +447,13 @@ class Classifier:
     @property
     def needs_views(self) -> bool:
         """Whether end_task_ wants LDC_VIEWS augmented views of the task's images under the backbone before and
-        after the task (ldc, linear-views)."""
-        return self.needs_features and self.remedy in ("ldc", "linear-views")
+        after the task (ldc, linear-views, adc-views)."""
+        return self.needs_features and self.remedy in ("ldc", "linear-views", "adc-views")
 
     @property
     def needs_backbone_before(self) -> bool:
         """Whether end_task_ wants a probe of the backbone before the task (ADC pushes images through it)."""
-        return self.needs_features and self.remedy in ("adc", "adc-linear")
+        return self.needs_features and self.remedy in ("adc", "adc-linear", "adc-views")
 
     @property
     def needs_seen_features(self) -> bool:
@@ -507,9 +510,9 @@ class Classifier:
         before: the same images' features under the backbone before the task (every remedy); seen: (features,
         labels, classes) of every seen task under the current backbone, this one included and last (oracle);
         probe: old classes' means -> ADC's pushed images' (classes, features before, features after)
-        (adversarial_pairs with the task's images and both backbones; adc, adc-linear); views: (E, N, D) features
-        of E augmented views of the task's images (in the order of `labels`) before and after the task (ldc,
-        linear-views).
+        (adversarial_pairs with the task's images and both backbones; adc, adc-linear, adc-views); views: (E, N, D)
+        features of E augmented views of the task's images (in the order of `labels`) before and after the task
+        (ldc, linear-views, adc-views).
         """
         if self.kind == "linear":
             return
@@ -539,17 +542,17 @@ class Classifier:
                 self.G, self.Q = B.T @ self.G @ B, B.T @ self.Q
             if old and self.drift == "adc":
                 self.means = adversarial_means(self.means, *probe(self.means))
-            if old and self.remedy == "adc-linear":  # the pushed images count as classes of their own in the choice
-                target, pushed_before, pushed_after = probe(self.means)
-                b, a = torch.cat([before, pushed_before]), torch.cat([features, pushed_after])
-                y = torch.cat([labels, target + classes.stop])
-                self.map_ridge, _ = choose_map_ridge_by_class(b, a, y)
-                self._transform(linear_drift_map(b, a, self.map_ridge))
             if old and self.remedy == "ldc":  # its shuffles from a copy of gen: the head's own draws stay the stale head's
                 self._transform(ldc_projector(*views, torch.Generator(gen.device).set_state(gen.get_state())))
-            if old and self.remedy == "linear-views":  # the unaugmented images and every view, with linear-cls's ridge
-                b, a = torch.cat([before, views[0].flatten(0, 1)]), torch.cat([features, views[1].flatten(0, 1)])
-                y = labels.repeat(len(views[0]) + 1)
+            if old and self.remedy in ("adc-linear", "linear-views", "adc-views"):  # linear-cls's map on more evidence
+                b, a, y = [before], [features], [labels]
+                if self.remedy != "adc-linear":  # every augmented view, counted in its image's class
+                    b, a = [*b, views[0].flatten(0, 1)], [*a, views[1].flatten(0, 1)]
+                    y = [*y, labels.repeat(len(views[0]))]
+                if self.remedy != "linear-views":  # ADC's pushed images, each old class a class of its own in the choice
+                    target, pushed_before, pushed_after = probe(self.means)
+                    b, a, y = [*b, pushed_before], [*a, pushed_after], [*y, target + classes.stop]
+                b, a, y = torch.cat(b), torch.cat(a), torch.cat(y)
                 self.map_ridge, _ = choose_map_ridge_by_class(b, a, y)
                 self._transform(linear_drift_map(b, a, self.map_ridge))
             if old and self.drift == "oracle-mean":  # the oracle's means, the stored covariances

@@ -574,3 +574,33 @@ def test_heads_whose_means_agree_share_one_adc_push(tmp_path, monkeypatch):
     assert len(calls) == 5  # task 2: one push for all three heads; tasks 3 and 4: ADC's means and the map's
     assert not torch.equal(calls[1], calls[2])
     assert r["heads"]["ncm/adc-linear"]["accuracy_matrix"] == r["heads"]["ncm/adc-linear-mean"]["accuracy_matrix"]
+
+
+def test_adc_views_is_linear_cls_fitted_on_the_images_their_views_and_the_pushed_images():
+    """--drift adc-views: the held-out-class map of the task's images, every augmented view (in its image's class)
+    and ADC's pushed images (each old class a class of its own) together moves the old means as that map computed
+    directly does; the pushes go toward the head's old means."""
+    feats, labels = blobs(4, 20, 5, seed=10)
+    g = torch.Generator().manual_seed(6)
+    A = torch.eye(5) + 0.2 * torch.randn(5, 5, generator=g)
+    views_before = feats[40:] + 0.3 * torch.randn(2, 40, 5, generator=g)
+    views_after = views_before @ A + 0.05 * torch.randn(2, 40, 5, generator=g)
+    c = Classifier("align", nn.Linear(5, 4), "adc-views")
+    c.end_task_(feats[:40], labels[:40], range(0, 2), g)
+    old = c.means.clone()
+    target = torch.tensor([0, 0, 1, 1, 1])
+    pushed = old[target] + 0.1 * torch.randn(5, 5, generator=g)
+    asked = []
+
+    def probe(means):
+        asked.append(means.clone())
+        return target, pushed, pushed @ A
+
+    c.end_task_(feats[40:] @ A, labels[40:], range(2, 4), g, before=feats[40:], probe=probe,
+                views=(views_before, views_after))
+    b = torch.cat([feats[40:], views_before.flatten(0, 1), pushed])
+    a = torch.cat([feats[40:] @ A, views_after.flatten(0, 1), pushed @ A])
+    ridge, _ = choose_map_ridge_by_class(b, a, torch.cat([labels[40:].repeat(3), target + 4]))
+    assert len(asked) == 1 and torch.equal(asked[0], old) and c.map_ridge == ridge
+    assert torch.allclose(c.means[:2], (old.double() @ linear_drift_map(b, a, ridge)).float(), atol=1e-5)
+    assert c.needs_views and c.needs_backbone_before and c.needs_features_before
