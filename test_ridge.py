@@ -569,8 +569,9 @@ def test_heads_whose_means_agree_share_one_adc_push(tmp_path, monkeypatch):
         return adversarial_pairs(means, *args, **{**kwargs, "per_class": 2})  # two images a class: fast
 
     monkeypatch.setattr(continual, "adversarial_pairs", counted)
-    r = treelora.main([*TINY, "--tasks", "4", "--epochs", "1", "--train-per-class", "4", "--classifier", "ncm",
-                       "--out", str(tmp_path), "--compare-heads", "ncm/adc,ncm/adc-linear,ncm/adc-linear-mean"])
+    r = treelora.main([*TINY, "--tasks", "4", "--epochs", "1", "--train-per-class", "4", "--test-per-class", "2",
+                       "--classifier", "ncm", "--out", str(tmp_path),
+                       "--compare-heads", "ncm/adc,ncm/adc-linear,ncm/adc-linear-mean"])
     assert len(calls) == 5  # task 2: one push for all three heads; tasks 3 and 4: ADC's means and the map's
     assert not torch.equal(calls[1], calls[2])
     assert r["heads"]["ncm/adc-linear"]["accuracy_matrix"] == r["heads"]["ncm/adc-linear-mean"]["accuracy_matrix"]
