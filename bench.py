@@ -427,10 +427,18 @@ def custom_preset(script_flags: list[str]) -> dict:
 
 def split_variants(text: str, labels) -> list[str]:
     """--variants: comma-separated labels, read as the longest label at each point, so that a label may hold a
-    comma itself ("HAM + align, oracle"). Raises ValueError naming the first text that is no label."""
+    comma itself ("HAM + align, oracle"); a label's beginning and * ("SeqLoRA + *") stands for every label that
+    begins so. Raises ValueError naming the first text that is no label."""
     chosen = []
     while text:
         match = max((l for l in labels if text == l or text.startswith(l + ",")), key=len, default=None)
+        star = text.find("*")
+        if match is None and star > 0 and text[star + 1:star + 2] in ("", ","):
+            prefixed = [l for l in labels if l.startswith(text[:star]) and l not in chosen]
+            if prefixed:
+                chosen += prefixed
+                text = text[star + 2:]
+                continue
         if match is None:
             raise ValueError(repr(text.split(",")[0]))
         chosen.append(match)
@@ -1219,7 +1227,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tasks", type=int, nargs="+", default=None,
                         help="task counts to run instead of the preset's (each must divide 100)")
     parser.add_argument("--variants", default=None,
-                        help="comma-separated labels of the set's variants to run (default: all of them)")
+                        help="comma-separated labels of the set's variants to run, a label's beginning and * "
+                             "standing for every label that begins so (default: all of them)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at a time: with --device cuda and several GPUs visible, one GPU each (the table "
                              "says where each ran); on the CPU they share the threads (train seconds are then not "

@@ -155,6 +155,10 @@ def test_variants_read_labels_that_hold_commas():
         bench.split_variants("", labels) == []
     with pytest.raises(ValueError, match="'HAM'"):
         bench.split_variants("HAM,SeqLoRA", labels)
+    assert bench.split_variants("HAM + *", labels) == ["HAM + align", "HAM + align, oracle"]
+    assert bench.split_variants("SeqLoRA,frozen*", labels) == ["SeqLoRA", "frozen + ridge, M = 0"]
+    with pytest.raises(ValueError, match="'TRM\\*'"):
+        bench.split_variants("TRM*", labels)
 
 
 def test_stale_anatomy_by_hand(tmp_path):
