@@ -68,8 +68,9 @@ CLASSIFIERS = ("linear", "align", "ncm", "ridge")
 # remedies that carry every statistic
 MAPS = ("linear", "linear-cv", "linear-cls", "adc-linear", "ldc", "linear-views", "adc-views")
 MEAN_MAPS = tuple(f"{m}-mean" for m in MAPS)  # the same maps moving the means only (deviation 42)
+# what moves old statistics when the backbone changes
 DRIFT = ("none", "sdc", "linear", "linear-cv", "linear-cls", "linear-h", "adc", "adc-linear", "ldc", "linear-views",
-         "adc-views", "gaussian", "oracle", "oracle-mean", *MEAN_MAPS)  # what moves old statistics when the backbone changes
+         "adc-views", "gaussian", "oracle", "oracle-mean", *MEAN_MAPS)
 ALIGN_SAMPLES = 256  # features sampled per class and epoch, SLCA's num_sampled_pcls
 ALIGN_EPOCHS = 20  # SLCA uses 5 (ca_epochs) on 100 classes; with 10 classes 20 measured better (docs/deviations.md, deviation 24)
 ALIGN_LR = 0.01  # SGD, momentum 0.9, cosine-annealed over the epochs (SLCA)
@@ -434,9 +435,9 @@ class Classifier:
     def regenerates(self) -> bool:
         """Whether the ridge head rebuilds old classes' G and Q from their Gaussians after a remedy moved them
         (gaussian_gram): when only means move (sdc, adc), or a map meets a ReLU projection, which G cannot follow,
-        or as a diagnostic with nothing moved (gaussian) or only the means (oracle-mean, a map's -mean). The plain ridge head (M = 0) under a linear map carries G
-        exactly instead."""
-        return self.kind == "ridge" and (self.drift in ("sdc", "adc", "gaussian", "oracle-mean", *MEAN_MAPS) or (
+        or a map moves the means alone (a map's -mean), or as a diagnostic with nothing moved (gaussian) or only the
+        means (oracle-mean). The plain ridge head (M = 0) under a full linear map carries G exactly instead."""
+        return self.kind == "ridge" and (self.drift in ("sdc", "adc", "gaussian", "oracle-mean") or self.means_only or (
             self.drift in MAPS and self.projection is not None))
 
     @property

@@ -108,8 +108,8 @@ class CLArgs:
                              "that uses old data: recomputed from every seen class's training images under the "
                              "current backbone); oracle-mean (a diagnostic: the oracle's means, stale "
                              "covariances); a map's name with -mean (e.g. linear-cls-mean, ldc-mean): that map moves "
-                             "the means only, covariances stale. The ridge head rebuilds its sums from each class's moved Gaussian, "
-                             "or with --rp-dim 0 under a map carries them exactly",
+                             "the means only, covariances stale. The ridge head rebuilds its sums from each "
+                             "class's moved Gaussian, or with --rp-dim 0 under a map carries them exactly",
                      choices=DRIFT)
     rp_dim: int = arg(2000, "ridge: the random projection's width M (0: the plain ridge head on the features)")
     draws: int = arg(DRAWS, "ridge, when it rebuilds old classes' sums from their Gaussians (every --drift but "

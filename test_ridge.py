@@ -10,11 +10,11 @@ import classifier
 from hypothesis import given, strategies as st
 
 import continual
+import treelora
 from classifier import (Classifier, adversarial_means, adversarial_pairs, choose_lambda, choose_map_ridge,
                         carry, choose_map_ridge_by_class, class_statistics, gaussian_gram, ldc_projector,
                         linear_drift_map, ncm_means, one_hot, project, ridge_solve)
 from conftest import TINY, learned, run_script
-import treelora
 from flags import CLArgs
 
 
