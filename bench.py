@@ -90,7 +90,8 @@ PRESETS = {
                 tasks=(10, 20), method_flags={}),
     # the smoke test's budget
     "tiny": dict(flags=["--dataset", "synthetic", "--backbone", "vit_nano", "--epochs", "1", "--batch-size", "32",
-                        "--train-per-class", "4", "--rp-dim", "64"], tasks=(4,), method_flags={"trm": ["--merge-steps", "2"]}),
+                        "--train-per-class", "4", "--rp-dim", "64", "--align-epochs", "2"], tasks=(4,),
+                 method_flags={"trm": ["--merge-steps", "2"]}),
 }
 
 # the real regimes at the papers' resolution, for a GPU: the same images, budget and backbone at 224 px
@@ -167,6 +168,12 @@ EVIDENCE = {"align": None, "align, ADC + linear map": "align/adc-linear",
             "align, oracle": "align/oracle", "ridge": "ridge", "ridge, ADC + views + linear map": "ridge/adc-views",
             "ridge, oracle": "ridge/oracle"}
 EVIDENCE_RUN = [*MEANS_RUN, "--ridge-lambdas", "1e-8:1e8"]  # a default named: runs of their own
+# SLDC's weakly non-linear map (deviation 44) beside the held-out-class map, the stale heads and the oracle, on both
+# heads: old classes' Gaussians move as draws through the map
+SLDC = {"align": None, "align, SLDC weakly non-linear map": "align/sldc",
+        "align, linear drift (held-out class)": "align/linear-cls", "align, oracle": "align/oracle",
+        "ridge": "ridge", "ridge, SLDC weakly non-linear map": "ridge/sldc", "ridge, oracle": "ridge/oracle"}
+SLDC_RUN = [*MEANS_RUN, "--precision", "auto"]  # a default named: runs of their own
 # set -> label -> (script, extra flags[, head]); {tasks} is filled in. A row with a head reads that --compare-heads
 # entry of the run its script and flags make, so rows of one run share it. The first row of an ablation set is the
 # method.
@@ -223,6 +230,11 @@ SETS = {
         **learner_rows("SeqLoRA (evidence run)", SEQLORA[0], [*SEQLORA[1], *ALIGN, *EVIDENCE_RUN], EVIDENCE),
         **learner_rows("TreeLoRA (evidence run)", "treelora", [*ALIGN, *EVIDENCE_RUN], EVIDENCE),
         **learner_rows("TRM (evidence run)", "trm", [*ALIGN, *EVIDENCE_RUN], EVIDENCE),
+    },
+    "sldc": {  # SLDC's weakly non-linear map (deviation 44): an Adam fit of 5000 steps a task, shared by the heads
+        **learner_rows("TreeLoRA (SLDC run)", "treelora", [*ALIGN, *SLDC_RUN], SLDC),
+        **learner_rows("SeqLoRA (SLDC run)", SEQLORA[0], [*SEQLORA[1], *ALIGN, *SLDC_RUN], SLDC),
+        **learner_rows("TRM (SLDC run)", "trm", [*ALIGN, *SLDC_RUN], SLDC),
     },
     "ham": {
         "HAM": ("ham", []),

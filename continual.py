@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from classifier import LDC_VIEWS, Classifier, adversarial_pairs
+from classifier import LDC_VIEWS, Classifier, WeakMap, adversarial_pairs, weak_map
 from data import (SplitData, UserError, class_order, domain_class_order, domain_task_layout, load_cifar100,
                   load_fashion_mnist, make_synthetic, read_image_folder, split_data, with_domains)
 from flags import CLArgs, bf16_autocast, domain_task_counts, normalization_values, parse_heads, parse_lambdas
@@ -441,6 +441,19 @@ def adversarial_probe(old_model: ViT, model: ViT, data: SplitData, task: int, be
     return probe
 
 
+def shared_weak_map(before: Tensor | None, after: Tensor, gen: torch.Generator) -> Callable[[], WeakMap]:
+    """SLDC's weakly non-linear map (classifier.weak_map) of the task's features, fitted on the first call and
+    returned again after: it depends on the backbone and the generator's state alone, which every head of a run gets
+    the same, so a run fits it once a task however many of its heads move their statistics through it."""
+    fitted: list[WeakMap] = []
+
+    def weak() -> WeakMap:
+        if not fitted:
+            fitted.append(weak_map(before, after, gen))
+        return fitted[0]
+    return weak
+
+
 # ----------------------------------------------------------------------------------------------------------
 # What a method plugs into the loop
 
@@ -773,9 +786,11 @@ def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, 
     compiled = compile_blocks_(model, args.compile, device)
     lambdas = parse_lambdas(args.ridge_lambdas)
     head = Classifier(args.classifier, model.head, args.drift, lambdas=lambdas, draws=args.draws,
+                      align_epochs=args.align_epochs,
                       projection=random_projection(args.seed, cfg.dim, args.rp_dim, device)
                       if args.classifier == "ridge" else None)
     beside = {name: Classifier(kind, model.head, drift, own=True, lambdas=lambdas, draws=args.draws,
+                               align_epochs=args.align_epochs,
                                projection=random_projection(args.seed, cfg.dim, m, device) if kind == "ridge" else None)
               for name, kind, drift, m in parse_heads(args.compare_heads, args.rp_dim)}
     heads = [head, *beside.values()]
@@ -883,12 +898,13 @@ def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, 
                 # head (writing into the model's head) is about to rewrite
                 passes = time.perf_counter() - t1  # the probe's, the views' and the oracle's passes
                 t1 = time.perf_counter()
+                weak = None if not task else shared_weak_map(before, feats, head_generator(args.seed, task, device))
                 for h in beside.values():
                     h.end_task_(feats, labels, batches.classes, head_generator(args.seed, task, device), before, seen,
-                                probe, views)
+                                probe, views, weak)
                 compare_seconds += time.perf_counter() - t1 + (0.0 if head.needs_seen_features else passes)
                 head.end_task_(feats, labels, batches.classes, head_generator(args.seed, task, device), before, seen,
-                               probe, views)
+                               probe, views, weak)
             if head.lam is not None:
                 info["ridge_lambda"] = head.lam
             if head.map_ridge is not None:  # the drift map's ridge its held-out error chose (linear-cv, -cls, adc-linear)

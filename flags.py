@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from classifier import CLASSIFIERS, DRAWS, DRIFT, head_problem
+from classifier import ALIGN_EPOCHS, CLASSIFIERS, DRAWS, DRIFT, head_problem
 from data import CIFAR_CLASSES, DOMAINS, find_fashion_mnist
 from lora_vit import PRESETS, TARGETS, is_hub_name
 
@@ -102,7 +102,9 @@ class CLArgs:
                              "adc-linear (the map fitted on the task's and the pushed images); ldc (LDC: a linear "
                              "projector trained by Adam on 20 augmented views of the task's images); linear-views "
                              "(linear-cls's map fitted on those views); adc-views (that map fitted on the images, "
-                             "their views and ADC's pushed images together); gaussian (a "
+                             "their views and ADC's pushed images together); sldc (SLDC's weakly non-linear map: "
+                             "identity, a linear map and an MLP mixed by learned weights; Gaussians move by draws "
+                             "through it); gaussian (a "
                              "diagnostic of the ridge head: its sums rebuilt from old classes' unmoved Gaussians); "
                              "oracle (a diagnostic "
                              "that uses old data: recomputed from every seen class's training images under the "
@@ -115,6 +117,8 @@ class CLArgs:
     draws: int = arg(DRAWS, "ridge, when it rebuilds old classes' sums from their Gaussians (every --drift but "
                             "none, oracle and a map under --rp-dim 0): draws per image a class had, weighted to one "
                             "image (one draw's noise costs up to 4.5 points on the domain regime)")
+    align_epochs: int = arg(ALIGN_EPOCHS, "align: epochs of the aligned head's retraining on draws from every seen "
+                                          "class's Gaussian after each task (SLCA's ca_epochs)")
     ridge_lambdas: str = arg("1e-8:1e8", "ridge: the grid lambda is chosen from after each task, as LO:HI (every "
                                          "power of ten between) or a comma-separated list of positive numbers")
     compare_heads: str = arg("", "heads kept beside --classifier on the same backbone, each with its own "
@@ -166,6 +170,8 @@ class CLArgs:
             return "--rp-dim must be at least 0 (0: the plain ridge head without a projection)."
         if self.draws < 1:
             return "--draws must be at least 1 (draws per image a class had)."
+        if self.align_epochs < 1:
+            return "--align-epochs must be at least 1 (epochs of the aligned head's retraining)."
         try:
             parse_lambdas(self.ridge_lambdas)
         except ValueError as e:

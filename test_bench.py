@@ -109,7 +109,7 @@ def test_custom_preset_runs_the_table_on_the_flags_given(tmp_path):
     proc = subprocess.run([sys.executable, "bench.py", "--preset", "custom", "--set", "methods", "--variants",
                            "frozen + align,frozen + ridge", "--out", str(tmp_path), "--",
                            "--dataset", "synthetic", "--backbone", "vit_nano", "--epochs", "1", "--batch-size", "32",
-                           "--train-per-class", "4", "--tasks", "4", "--rp-dim", "16"],
+                           "--train-per-class", "4", "--tasks", "4", "--rp-dim", "16", "--align-epochs", "2"],
                           cwd=HERE, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     rows = json.loads((tmp_path / "bench.json").read_text())["methods"]["rows"]

@@ -605,3 +605,90 @@ def test_adc_views_is_linear_cls_fitted_on_the_images_their_views_and_the_pushed
     assert len(asked) == 1 and torch.equal(asked[0], old) and c.map_ridge == ridge
     assert torch.allclose(c.means[:2], (old.double() @ linear_drift_map(b, a, ridge)).float(), atol=1e-5)
     assert c.needs_views and c.needs_backbone_before and c.needs_features_before
+
+
+def test_weak_map_learns_a_drift_that_is_not_linear_and_keeps_lengths():
+    """SLDC's weakly non-linear map: fitted on unit features before and after a drift with a ReLU part, it predicts
+    held-out images' directions after the drift far better than no drift does; it maps a row's direction and scales
+    the image by the row's length, so scaling a row scales its image; its mixture starts at softmax(1, 0, 0)."""
+    g = torch.Generator().manual_seed(3)
+    D = 12
+    x = torch.randn(400, D, generator=g) + 1
+    A, B = torch.eye(D) + 0.3 * torch.randn(D, D, generator=g), 0.5 * torch.randn(D, D, generator=g)
+    y = x @ A + torch.relu(x @ B)
+    m = classifier.weak_map(x[:300], y[:300], torch.Generator().manual_seed(0), steps=800)
+    unit = torch.nn.functional.normalize
+    with torch.no_grad():
+        mapped_error = ((unit(m(unit(x[300:], dim=1)), dim=1) - unit(y[300:], dim=1)) ** 2).sum(1).mean()
+        identity_error = ((unit(x[300:], dim=1) - unit(y[300:], dim=1)) ** 2).sum(1).mean()
+        assert mapped_error < 0.2 * identity_error
+        assert torch.allclose(m.move(3 * x[:5]), 3 * m.move(x[:5]), atol=1e-5)
+    fresh = classifier.WeakMap(D, torch.Generator().manual_seed(0))
+    assert torch.allclose(fresh.mixture(), torch.softmax(torch.tensor([1.0, 0.0, 0.0]), 0))
+
+
+def test_move_gaussians_through_a_linear_map_is_the_exact_carry():
+    """Moving a Gaussian by its draws (SLDC's way, for a map that is not linear) agrees with the exact carry
+    mu -> mu A, Sigma -> A^T Sigma A when the map is linear, up to the draws' noise and the ridge."""
+    g = torch.Generator().manual_seed(4)
+    feats, labels = blobs(2, 50, 4, seed=11)
+    means, factors = class_statistics(feats, labels, range(2))
+    A = torch.eye(4) + 0.4 * torch.randn(4, 4, generator=g)
+    moved, moved_factors = classifier.move_gaussians(means, factors, lambda f: f @ A, g, 40_000)
+    assert torch.allclose(moved, means @ A, atol=0.05)
+    exact = A.T @ factors @ factors.transpose(1, 2) @ A
+    assert torch.allclose(moved_factors @ moved_factors.transpose(1, 2), exact, atol=0.1 * exact.abs().max().item())
+
+
+def test_a_head_fits_sldc_s_map_as_the_loop_fits_it_once_for_every_head(monkeypatch):
+    """--drift sldc: a head given the loop's shared map (fitted from a generator in the head's generator's state)
+    ends as a head that fits the map itself; the old classes moved, the new ones stay as measured; the
+    nearest-class-mean head moves its means as points."""
+    monkeypatch.setattr(classifier, "SLDC_STEPS", 300)  # the map is the same either way: a short fit will do
+    feats, labels = blobs(4, 20, 6, seed=12)
+    g = torch.Generator().manual_seed(7)
+    A = torch.eye(6) + 0.3 * torch.randn(6, 6, generator=g)
+    after = feats[40:] @ A
+
+    def run(kind: str, shared: bool) -> Classifier:
+        torch.manual_seed(0)  # the same head rows in both
+        c = Classifier(kind, nn.Linear(6, 4), "sldc", align_epochs=2)
+        c.end_task_(feats[:40], labels[:40], range(0, 2), torch.Generator().manual_seed(1))
+        weak = continual.shared_weak_map(feats[40:], after, torch.Generator().manual_seed(2)) if shared else None
+        c.end_task_(after, labels[40:], range(2, 4), torch.Generator().manual_seed(2), before=feats[40:], weak=weak)
+        return c
+
+    own, shared = run("align", False), run("align", True)
+    assert torch.equal(own.means, shared.means) and torch.equal(own.factors, shared.factors)
+    assert torch.equal(own.weight, shared.weight)
+    stale, _ = class_statistics(feats, labels, range(4))
+    assert not torch.allclose(own.means[:2], stale[:2], atol=0.1)  # the old classes moved
+    assert torch.equal(own.means[2:], class_statistics(after, labels[40:], range(2, 4))[0])
+    ncm = run("ncm", True)
+    m = continual.shared_weak_map(feats[40:], after, torch.Generator().manual_seed(2))()
+    assert torch.allclose(ncm.means[:2], m.move(ncm_means(feats[:40], labels[:40], range(2))), atol=1e-6)
+    assert own.needs_features_before and not own.needs_views and Classifier("ridge", nn.Linear(6, 4), "sldc").regenerates
+
+
+def test_sldc_heads_run_beside_a_run_and_move_only_the_old_classes(tmp_path, monkeypatch):
+    """SLDC's heads in a run: the loop fits the weakly non-linear map once a task for all of them (counted), the
+    heads move their old classes' Gaussians by its draws and keep the newest task's as measured, and the ridge head
+    rebuilds its sums from them even without a projection, where a linear map would carry its sums exactly."""
+    monkeypatch.setattr(classifier, "SLDC_STEPS", 50)
+    fits = []
+
+    def counted(*args, **kwargs):
+        fits.append(1)
+        return classifier.weak_map(*args, **kwargs)
+
+    monkeypatch.setattr(continual, "weak_map", counted)
+    r = treelora.main([*TINY, "--tasks", "4", "--epochs", "1", "--train-per-class", "2", "--test-per-class", "2",
+                       "--classifier", "ncm", "--rp-dim", "16", "--out", str(tmp_path),
+                       "--compare-heads", "align/sldc,ridge0/sldc,ridge/sldc,align"])
+    assert len(fits) == 3  # tasks 2 to 4, one fit each for the three heads
+    assert r["heads"]["align/sldc"]["accuracy_matrix"][0] == r["heads"]["align"]["accuracy_matrix"][0]
+    c = torch.load(tmp_path / continual.CHECKPOINT, weights_only=True)["compare_heads"]
+    moved, stale = c["align/sldc"], c["align"]
+    assert not torch.equal(moved["means"][:75], stale["means"][:75])  # tasks 1 to 3's classes moved
+    assert torch.equal(moved["means"][75:], stale["means"][75:])  # the newest task's, taken under today's backbone
+    assert c["ridge0/sldc"]["factors"] is not None and c["ridge0/sldc"]["counts"].sum() == 200
