@@ -513,7 +513,10 @@ def stale_anatomy(checkpoint: Path, kind: str = "align") -> dict[str, float]:
 
     drift_in_spread: old classes' mean drift |mu_oracle - mu_stale| over their spread sqrt(tr Sigma_oracle), averaged
     over the classes that moved; spread_ratio: sum tr Sigma_oracle / sum tr Sigma_stale (how the spread itself grew);
-    cov_drift: sum |Sigma_oracle - Sigma_stale|_F / sum |Sigma_stale|_F; for each remedy, the share of the means'
+    cov_drift: sum |Sigma_oracle - Sigma_stale|_F / sum |Sigma_stale|_F; length_ratio: |mu_oracle| / |mu_stale|,
+    averaged over the classes that moved, and radial_share: the share of the means' squared drift along the stale
+    means' own directions (a change of length, which a map of directions such as SLDC's keeps, deviation 44); for
+    each remedy, the share of the means'
     drift it explains, 1 - sum |mu_oracle - mu_remedy|^2 / sum |mu_oracle - mu_stale|^2, and of the covariances'
     (the same in Frobenius norm). The newest task's classes are the same in every head and add nothing.
     """
@@ -527,7 +530,9 @@ def stale_anatomy(checkpoint: Path, kind: str = "align") -> dict[str, float]:
     moved = drift > 0
     out = {"drift_in_spread": (drift[moved] / spread[moved]).mean().item(),
            "spread_ratio": (S_o.diagonal(dim1=1, dim2=2).sum() / S_s.diagonal(dim1=1, dim2=2).sum()).item(),
-           "cov_drift": ((S_o - S_s).flatten(1).norm(dim=1).sum() / S_s.flatten(1).norm(dim=1).sum()).item()}
+           "cov_drift": ((S_o - S_s).flatten(1).norm(dim=1).sum() / S_s.flatten(1).norm(dim=1).sum()).item(),
+           "length_ratio": (mu_o.norm(dim=1)[moved] / mu_s.norm(dim=1)[moved]).mean().item(),
+           "radial_share": ((((mu_o - mu_s) * F.normalize(mu_s, dim=1)).sum(1) ** 2).sum() / (drift ** 2).sum()).item()}
     for name, h in heads.items():
         k, _, remedy = name.partition("/")
         if k != kind or remedy in ("", "oracle") or h.get("means") is None or h.get("factors") is None:
@@ -1339,7 +1344,7 @@ def main() -> None:
         plot = plot_curves(result["curves"], out / f"{name}.png")
         print(f"\n{stamp} ({time.perf_counter() - t0:.0f} s, {args.jobs} job(s) at a time)\n\n{table}\n\n{plot}")
         report[args.set] = {**result, "preset": PRESETS[args.preset], "table": table}
-        if args.set == "ldc":  # the stale statistics' anatomy, from each run's final checkpoint (stale_anatomy)
+        if args.set in ("ldc", "sldc"):  # the stale statistics' anatomy, from each run's final checkpoint (stale_anatomy)
             anatomy = anatomy_table(runs, args.set, (args.tasks or PRESETS[args.preset]["tasks"])[0], args.seeds)
             table += f"\n\nWhat stale statistics are at the end of each run (aligned head; bench.stale_anatomy):\n\n{anatomy}"
             print(f"\n{anatomy}")

@@ -444,13 +444,15 @@ def adversarial_probe(old_model: ViT, model: ViT, data: SplitData, task: int, be
 def shared_weak_map(before: Tensor | None, after: Tensor, gen: torch.Generator) -> Callable[[], WeakMap]:
     """SLDC's weakly non-linear map (classifier.weak_map) of the task's features, fitted on the first call and
     returned again after: it depends on the backbone and the generator's state alone, which every head of a run gets
-    the same, so a run fits it once a task however many of its heads move their statistics through it."""
+    the same, so a run fits it once a task however many of its heads move their statistics through it; `weak.fitted`
+    holds the map once fitted."""
     fitted: list[WeakMap] = []
 
     def weak() -> WeakMap:
         if not fitted:
             fitted.append(weak_map(before, after, gen))
         return fitted[0]
+    weak.fitted = fitted
     return weak
 
 
@@ -883,6 +885,7 @@ def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, 
             t0 = time.perf_counter()
             info = method.end_task(task, batches, log)
             compare_seconds = copy_seconds  # the heads beside the run's, the oracle's and ADC's passes: not training
+            weak = None  # SLDC's map, shared by the heads that move their statistics through it
             if any(h.needs_features for h in heads):  # the head's treatment, the same for every method (classifier.py)
                 feats, labels = task_features(model, data, task, **feature_kw)
                 t1 = time.perf_counter()
@@ -907,6 +910,8 @@ def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, 
                                probe, views, weak)
             if head.lam is not None:
                 info["ridge_lambda"] = head.lam
+            if weak is not None and weak.fitted:  # SLDC's mixture: the weights of the identity, the linear map, the MLP
+                info["sldc_mixture"] = [round(a, 4) for a in weak.fitted[0].mixture().tolist()]
             if head.map_ridge is not None:  # the drift map's ridge its held-out error chose (linear-cv, -cls, adc-linear)
                 info["map_ridge"] = head.map_ridge
             if beside:

@@ -163,20 +163,24 @@ def test_variants_read_labels_that_hold_commas():
 
 def test_stale_anatomy_by_hand(tmp_path):
     """Two old classes and a new one: the stale means sit 3 and 4 from the oracle's, whose spread is sqrt(tr 2I) =
-    sqrt(8) in 4 dimensions, the covariances doubled. A remedy half way to the oracle's means leaves a quarter of
-    the squared drift (75 % explained); the oracle's means with the stale covariances explain none of theirs."""
+    sqrt(8) in 4 dimensions, the covariances doubled; the first drift only lengthens its mean (1 -> 4), the second
+    is square to its mean (1 -> sqrt 17), so 9 of the 25 squared units of drift are radial. A remedy half way to the
+    oracle's means leaves a quarter of the squared drift (75 % explained); the oracle's means with the stale
+    covariances explain none of theirs."""
     D = 4
     eye = torch.eye(D).expand(3, D, D)
-    stale = {"means": torch.zeros(3, D), "factors": eye.clone()}
-    oracle_means = torch.tensor([[3.0, 0, 0, 0], [0, 4.0, 0, 0], [0, 0, 0, 0]])
+    stale_means = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 0, 1.0]])
+    stale = {"means": stale_means, "factors": eye.clone()}
+    oracle_means = torch.tensor([[4.0, 0, 0, 0], [0, 1.0, 4.0, 0], [0, 0, 0, 1.0]])
     oracle = {"means": oracle_means, "factors": 2 ** 0.5 * eye}
-    halfway = {"means": oracle_means / 2, "factors": 2 ** 0.5 * eye}
+    halfway = {"means": (stale_means + oracle_means) / 2, "factors": 2 ** 0.5 * eye}
     torch.save({"classifier": stale, "compare_heads": {"align/oracle": oracle, "align/halfway": halfway,
                 "align/oracle-mean": {"means": oracle_means, "factors": eye.clone()}, "ridge": {"G": torch.eye(2)}}},
                tmp_path / "c.pt")
     a = bench.stale_anatomy(tmp_path / "c.pt")
     assert a["drift_in_spread"] == pytest.approx((3 / 8 ** 0.5 + 4 / 8 ** 0.5) / 2)  # tr Sigma_oracle = 8
     assert a["spread_ratio"] == pytest.approx(2.0) and a["cov_drift"] == pytest.approx(1.0)
+    assert a["length_ratio"] == pytest.approx((4 + 17 ** 0.5) / 2) and a["radial_share"] == pytest.approx(9 / 25)
     assert a["means explained: halfway"] == pytest.approx(0.75) and a["covariances explained: halfway"] == pytest.approx(1.0)
     assert a["means explained: oracle-mean"] == pytest.approx(1.0)
     assert a["covariances explained: oracle-mean"] == pytest.approx(0.0)

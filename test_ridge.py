@@ -686,6 +686,8 @@ def test_sldc_heads_run_beside_a_run_and_move_only_the_old_classes(tmp_path, mon
                        "--classifier", "ncm", "--rp-dim", "16", "--out", str(tmp_path),
                        "--compare-heads", "align/sldc,ridge0/sldc,ridge/sldc,align"])
     assert len(fits) == 3  # tasks 2 to 4, one fit each for the three heads
+    mixtures = [t.get("sldc_mixture") for t in r["tasks"]]
+    assert mixtures[0] is None and all(len(w) == 3 and sum(w) == pytest.approx(1, abs=1e-3) for w in mixtures[1:])
     assert r["heads"]["align/sldc"]["accuracy_matrix"][0] == r["heads"]["align"]["accuracy_matrix"][0]
     c = torch.load(tmp_path / continual.CHECKPOINT, weights_only=True)["compare_heads"]
     moved, stale = c["align/sldc"], c["align"]
