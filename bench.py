@@ -174,6 +174,12 @@ SLDC = {"align": None, "align, SLDC weakly non-linear map": "align/sldc",
         "align, linear drift (held-out class)": "align/linear-cls", "align, oracle": "align/oracle",
         "ridge": "ridge", "ridge, SLDC weakly non-linear map": "ridge/sldc", "ridge, oracle": "ridge/oracle"}
 SLDC_RUN = [*MEANS_RUN, "--precision", "auto"]  # a default named: runs of their own
+# the ablation of SLDC's distinctive part, its MLP branch: the same map without it (a linear map, its mixture learnt)
+SLDC_MLP = {"align": None, "align, SLDC weakly non-linear map": "align/sldc", "align, SLDC without its MLP":
+            "align/sldc-no-mlp", "align, oracle": "align/oracle", "ridge": "ridge",
+            "ridge, SLDC weakly non-linear map": "ridge/sldc", "ridge, SLDC without its MLP": "ridge/sldc-no-mlp",
+            "ridge, oracle": "ridge/oracle"}
+SLDC_MLP_RUN = [*SLDC_RUN, "--align-epochs", "20"]  # a default named: runs of their own
 # set -> label -> (script, extra flags[, head]); {tasks} is filled in. A row with a head reads that --compare-heads
 # entry of the run its script and flags make, so rows of one run share it. The first row of an ablation set is the
 # method.
@@ -235,6 +241,10 @@ SETS = {
         **learner_rows("TreeLoRA (SLDC run)", "treelora", [*ALIGN, *SLDC_RUN], SLDC),
         **learner_rows("SeqLoRA (SLDC run)", SEQLORA[0], [*SEQLORA[1], *ALIGN, *SLDC_RUN], SLDC),
         **learner_rows("TRM (SLDC run)", "trm", [*ALIGN, *SLDC_RUN], SLDC),
+    },
+    "sldc-mlp": {  # SLDC's map with and without its MLP branch (deviation 44)
+        **learner_rows("SeqLoRA (SLDC ablation run)", SEQLORA[0], [*SEQLORA[1], *ALIGN, *SLDC_MLP_RUN], SLDC_MLP),
+        **learner_rows("TreeLoRA (SLDC ablation run)", "treelora", [*ALIGN, *SLDC_MLP_RUN], SLDC_MLP),
     },
     "ham": {
         "HAM": ("ham", []),
@@ -1344,7 +1354,7 @@ def main() -> None:
         plot = plot_curves(result["curves"], out / f"{name}.png")
         print(f"\n{stamp} ({time.perf_counter() - t0:.0f} s, {args.jobs} job(s) at a time)\n\n{table}\n\n{plot}")
         report[args.set] = {**result, "preset": PRESETS[args.preset], "table": table}
-        if args.set in ("ldc", "sldc"):  # the stale statistics' anatomy, from each run's final checkpoint (stale_anatomy)
+        if args.set in ("ldc", "sldc", "sldc-mlp"):  # the stale statistics' anatomy, from each run's final checkpoint (stale_anatomy)
             anatomy = anatomy_table(runs, args.set, (args.tasks or PRESETS[args.preset]["tasks"])[0], args.seeds)
             table += f"\n\nWhat stale statistics are at the end of each run (aligned head; bench.stale_anatomy):\n\n{anatomy}"
             print(f"\n{anatomy}")

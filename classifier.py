@@ -45,7 +45,8 @@ the methods keep no old data to refresh them with. `drift` says what happens to 
           both kinds of evidence at once (ours);
   sldc    SLDC's weakly non-linear map (Rao et al. AAAI 2026, arXiv 2511.09926): identity, a linear map and an MLP
           mixed by learned weights, fitted by Adam on the task's unit features before and after the task; each old
-          class's Gaussian moves by draws through it (align, ridge; ncm moves its means as points);
+          class's Gaussian moves by draws through it (align, ridge; ncm moves its means as points); sldc-no-mlp is
+          the same map without its MLP branch, a linear map (the ablation);
   gaussian  a diagnostic of the ridge head alone: nothing moves, but after each task old classes' sums are rebuilt
           from their Gaussians as a remedy would rebuild them; what the rebuild costs where there is no drift;
   oracle  a diagnostic, never a default: the statistics of every seen class are recomputed from all its
@@ -73,7 +74,7 @@ MAPS = ("linear", "linear-cv", "linear-cls", "adc-linear", "ldc", "linear-views"
 MEAN_MAPS = tuple(f"{m}-mean" for m in MAPS)  # the same maps moving the means only (deviation 42)
 # what moves old statistics when the backbone changes
 DRIFT = ("none", "sdc", "linear", "linear-cv", "linear-cls", "linear-h", "adc", "adc-linear", "ldc", "linear-views",
-         "adc-views", "sldc", "gaussian", "oracle", "oracle-mean", *MEAN_MAPS)
+         "adc-views", "sldc", "sldc-no-mlp", "gaussian", "oracle", "oracle-mean", *MEAN_MAPS)
 ALIGN_SAMPLES = 256  # features sampled per class and epoch, SLCA's num_sampled_pcls
 ALIGN_EPOCHS = 20  # SLCA uses 5 (ca_epochs) on 100 classes; with 10 classes 20 measured better (docs/deviations.md, deviation 24)
 ALIGN_LR = 0.01  # SGD, momentum 0.9, cosine-annealed over the epochs (SLCA)
@@ -336,9 +337,10 @@ class WeakMap(nn.Module):
     """SLDC's weakly non-linear transition operator (Rao et al. AAAI 2026, arXiv 2511.09926), on unit features:
     x -> a_0 x + a_1 x A + a_2 MLP(x), (a_0, a_1, a_2) = softmax(alphas), A starting at the identity and the MLP
     (D -> D -> D, ReLU, with biases) at PyTorch's initialisation; alphas start at (1, 0, 0), so the map starts near the
-    identity and learns how far to leave it. Rows as features."""
+    identity and learns how far to leave it. Rows as features. mlp=False is the ablation without the MLP branch
+    (a_2 = 0, --drift sldc-no-mlp): the same draws from gen, a map that is linear."""
 
-    def __init__(self, D: int, gen: torch.Generator):
+    def __init__(self, D: int, gen: torch.Generator, mlp: bool = True):
         super().__init__()
         bound = D ** -0.5  # nn.Linear's default initialisation, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), from gen
 
@@ -348,13 +350,17 @@ class WeakMap(nn.Module):
         self.alphas = nn.Parameter(torch.tensor([1.0, 0.0, 0.0], device=gen.device))
         self.A = nn.Parameter(torch.eye(D, device=gen.device))
         self.W1, self.b1, self.W2, self.b2 = uniform(D, D), uniform(D), uniform(D, D), uniform(D)
+        self.mlp = mlp
 
     def mixture(self) -> Tensor:
+        if not self.mlp:
+            return F.pad(torch.softmax(self.alphas[:2], 0), (0, 1))
         return torch.softmax(self.alphas, 0)
 
     def forward(self, x: Tensor) -> Tensor:
         a = self.mixture()
-        return a[0] * x + a[1] * (x @ self.A) + a[2] * (F.relu(x @ self.W1 + self.b1) @ self.W2 + self.b2)
+        y = a[0] * x + a[1] * (x @ self.A)
+        return y + a[2] * (F.relu(x @ self.W1 + self.b1) @ self.W2 + self.b2) if self.mlp else y
 
     def move(self, x: Tensor) -> Tensor:
         """The map as SLDC applies it to features of any length: each row's direction is mapped, its length kept."""
@@ -364,7 +370,7 @@ class WeakMap(nn.Module):
 
 def weak_map(before: Tensor, after: Tensor, gen: torch.Generator, *, steps: int | None = None,
              batch: int = SLDC_BATCH, lr: float = SLDC_LR, lr_min: float = SLDC_LR_MIN,
-             gamma: float = SLDC_GAMMA) -> WeakMap:
+             gamma: float = SLDC_GAMMA, mlp: bool = True) -> WeakMap:
     """--drift sldc: SLDC's weakly non-linear map fitted from the task's features before it to the same images'
     features after it, both scaled to unit length: Adam on the mean squared error of `batch` pairs drawn with
     replacement at each step, plus gamma (a_0 + a_1 - 1)^2, which keeps the mixture's weight off the MLP unless the
@@ -374,7 +380,7 @@ def weak_map(before: Tensor, after: Tensor, gen: torch.Generator, *, steps: int 
     # squared error alone; we back-propagate the total the code names (docs/deviations.md, deviation 44).
     steps = SLDC_STEPS if steps is None else steps
     b, a = F.normalize(before.float(), dim=1), F.normalize(after.float(), dim=1)
-    m = WeakMap(b.shape[1], gen)
+    m = WeakMap(b.shape[1], gen, mlp)
     opt = torch.optim.Adam(m.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=lr_min)
     with torch.enable_grad():
@@ -521,7 +527,7 @@ class Classifier:
         (gaussian_gram): when only means move (sdc, adc), or a map meets a ReLU projection, which G cannot follow,
         or a map moves the means alone (a map's -mean), or as a diagnostic with nothing moved (gaussian) or only the
         means (oracle-mean). The plain ridge head (M = 0) under a full linear map carries G exactly instead."""
-        return self.kind == "ridge" and (self.drift in ("sdc", "adc", "sldc", "gaussian", "oracle-mean") or self.means_only or (
+        return self.kind == "ridge" and (self.drift in ("sdc", "adc", "sldc", "sldc-no-mlp", "gaussian", "oracle-mean") or self.means_only or (
             self.drift in MAPS and self.projection is not None))
 
     @property
@@ -588,7 +594,7 @@ class Classifier:
     def end_task_(self, features: Tensor, labels: Tensor, classes: range, gen: torch.Generator,
                   before: Tensor | None = None, seen: list[tuple[Tensor, Tensor, range]] | None = None,
                   probe: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]] | None = None,
-                  views: tuple[Tensor, Tensor] | None = None, weak: Callable[[], WeakMap] | None = None) -> None:
+                  views: tuple[Tensor, Tensor] | None = None, weak: Callable[[bool], WeakMap] | None = None) -> None:
         """Add the task's classes' statistics (features: (N, D) of the task's training images, labels global) and
         rewrite the head's rows of every seen class.
 
@@ -597,8 +603,9 @@ class Classifier:
         probe: old classes' means -> ADC's pushed images' (classes, features before, features after)
         (adversarial_pairs with the task's images and both backbones; adc, adc-linear, adc-views); views: (E, N, D)
         features of E augmented views of the task's images (in the order of `labels`) before and after the task
-        (ldc, linear-views, adc-views); weak: SLDC's weakly non-linear map fitted on (before, features) from a
-        generator in gen's state (sldc; the loop fits it once for every head of a run), else fitted here.
+        (ldc, linear-views, adc-views); weak: mlp -> SLDC's weakly non-linear map fitted on (before, features) from
+        a generator in gen's state (sldc, and without its MLP sldc-no-mlp; the loop fits each once for every head of
+        a run), else fitted here.
         """
         if self.kind == "linear":
             return
@@ -641,10 +648,11 @@ class Classifier:
                 b, a, y = torch.cat(b), torch.cat(a), torch.cat(y)
                 self.map_ridge, _ = choose_map_ridge_by_class(b, a, y)
                 self._transform(linear_drift_map(b, a, self.map_ridge))
-            if old and self.drift == "sldc":  # a map that is not linear moves Gaussians by their draws
+            if old and self.drift in ("sldc", "sldc-no-mlp"):  # a map that is not linear moves Gaussians by their draws
+                mlp = self.drift == "sldc"
                 def own_gen() -> torch.Generator:  # a copy of gen: the head's own draws stay the stale head's
                     return torch.Generator(gen.device).set_state(gen.get_state())
-                m = weak() if weak is not None else weak_map(before, features, own_gen())
+                m = weak(mlp) if weak is not None else weak_map(before, features, own_gen(), mlp=mlp)
                 if self.factors is None:  # the nearest-class-mean head keeps means only: they are moved as points
                     self.means = m.move(self.means.float())
                 else:

@@ -441,17 +441,19 @@ def adversarial_probe(old_model: ViT, model: ViT, data: SplitData, task: int, be
     return probe
 
 
-def shared_weak_map(before: Tensor | None, after: Tensor, gen: torch.Generator) -> Callable[[], WeakMap]:
+def shared_weak_map(before: Tensor | None, after: Tensor, gen: torch.Generator) -> Callable[[bool], WeakMap]:
     """SLDC's weakly non-linear map (classifier.weak_map) of the task's features, fitted on the first call and
     returned again after: it depends on the backbone and the generator's state alone, which every head of a run gets
-    the same, so a run fits it once a task however many of its heads move their statistics through it; `weak.fitted`
-    holds the map once fitted."""
-    fitted: list[WeakMap] = []
+    the same, so a run fits it once a task however many of its heads move their statistics through it; weak(False)
+    is the map without its MLP (--drift sldc-no-mlp), from a generator in the same state. `weak.fitted` holds the
+    maps fitted, by drift name."""
+    fitted: dict[str, WeakMap] = {}
 
-    def weak() -> WeakMap:
-        if not fitted:
-            fitted.append(weak_map(before, after, gen))
-        return fitted[0]
+    def weak(mlp: bool = True) -> WeakMap:
+        name = "sldc" if mlp else "sldc-no-mlp"
+        if name not in fitted:
+            fitted[name] = weak_map(before, after, torch.Generator(gen.device).set_state(gen.get_state()), mlp=mlp)
+        return fitted[name]
     weak.fitted = fitted
     return weak
 
@@ -911,7 +913,7 @@ def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, 
             if head.lam is not None:
                 info["ridge_lambda"] = head.lam
             if weak is not None and weak.fitted:  # SLDC's mixture: the weights of the identity, the linear map, the MLP
-                info["sldc_mixture"] = [round(a, 4) for a in weak.fitted[0].mixture().tolist()]
+                info["sldc_mixture"] = {k: [round(a, 4) for a in m.mixture().tolist()] for k, m in weak.fitted.items()}
             if head.map_ridge is not None:  # the drift map's ridge its held-out error chose (linear-cv, -cls, adc-linear)
                 info["map_ridge"] = head.map_ridge
             if beside:

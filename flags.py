@@ -104,7 +104,7 @@ class CLArgs:
                              "(linear-cls's map fitted on those views); adc-views (that map fitted on the images, "
                              "their views and ADC's pushed images together); sldc (SLDC's weakly non-linear map: "
                              "identity, a linear map and an MLP mixed by learned weights; Gaussians move by draws "
-                             "through it); gaussian (a "
+                             "through it); sldc-no-mlp (that map without its MLP, the ablation); gaussian (a "
                              "diagnostic of the ridge head: its sums rebuilt from old classes' unmoved Gaussians); "
                              "oracle (a diagnostic "
                              "that uses old data: recomputed from every seen class's training images under the "

@@ -625,6 +625,12 @@ def test_weak_map_learns_a_drift_that_is_not_linear_and_keeps_lengths():
         assert torch.allclose(m.move(3 * x[:5]), 3 * m.move(x[:5]), atol=1e-5)
     fresh = classifier.WeakMap(D, torch.Generator().manual_seed(0))
     assert torch.allclose(fresh.mixture(), torch.softmax(torch.tensor([1.0, 0.0, 0.0]), 0))
+    # without its MLP (--drift sldc-no-mlp) the map is linear: x -> x (a_0 I + a_1 A), whatever the rows' lengths
+    linear = classifier.weak_map(x[:300], y[:300], torch.Generator().manual_seed(0), steps=100, mlp=False)
+    a = linear.mixture().detach()
+    assert a[2] == 0 and a[0] != torch.softmax(torch.tensor([1.0, 0.0]), 0)[0]  # its mixture learns, unpenalised
+    with torch.no_grad():
+        assert torch.allclose(linear.move(x[:5]), x[:5] @ (a[0] * torch.eye(D) + a[1] * linear.A), atol=1e-4)
 
 
 def test_move_gaussians_through_a_linear_map_is_the_exact_carry():
@@ -650,15 +656,16 @@ def test_a_head_fits_sldc_s_map_as_the_loop_fits_it_once_for_every_head(monkeypa
     A = torch.eye(6) + 0.3 * torch.randn(6, 6, generator=g)
     after = feats[40:] @ A
 
-    def run(kind: str, shared: bool) -> Classifier:
+    def run(kind: str, shared: bool, drift: str = "sldc") -> Classifier:
         torch.manual_seed(0)  # the same head rows in both
-        c = Classifier(kind, nn.Linear(6, 4), "sldc", align_epochs=2)
+        c = Classifier(kind, nn.Linear(6, 4), drift, align_epochs=2)
         c.end_task_(feats[:40], labels[:40], range(0, 2), torch.Generator().manual_seed(1))
         weak = continual.shared_weak_map(feats[40:], after, torch.Generator().manual_seed(2)) if shared else None
         c.end_task_(after, labels[40:], range(2, 4), torch.Generator().manual_seed(2), before=feats[40:], weak=weak)
         return c
 
     own, shared = run("align", False), run("align", True)
+    assert not torch.equal(run("align", True, "sldc-no-mlp").means, shared.means)  # the ablation's own fit
     assert torch.equal(own.means, shared.means) and torch.equal(own.factors, shared.factors)
     assert torch.equal(own.weight, shared.weight)
     stale, _ = class_statistics(feats, labels, range(4))
@@ -684,10 +691,11 @@ def test_sldc_heads_run_beside_a_run_and_move_only_the_old_classes(tmp_path, mon
     monkeypatch.setattr(continual, "weak_map", counted)
     r = treelora.main([*TINY, "--tasks", "4", "--epochs", "1", "--train-per-class", "2", "--test-per-class", "2",
                        "--classifier", "ncm", "--rp-dim", "16", "--out", str(tmp_path),
-                       "--compare-heads", "align/sldc,ridge0/sldc,ridge/sldc,align"])
-    assert len(fits) == 3  # tasks 2 to 4, one fit each for the three heads
+                       "--compare-heads", "align/sldc,ridge0/sldc,ridge/sldc,align,align/sldc-no-mlp"])
+    assert len(fits) == 6  # tasks 2 to 4, one fit each for the three heads of sldc and one for sldc-no-mlp
     mixtures = [t.get("sldc_mixture") for t in r["tasks"]]
-    assert mixtures[0] is None and all(len(w) == 3 and sum(w) == pytest.approx(1, abs=1e-3) for w in mixtures[1:])
+    assert mixtures[0] is None and all(len(w["sldc"]) == 3 and sum(w["sldc"]) == pytest.approx(1, abs=1e-3)
+                                       for w in mixtures[1:])
     assert r["heads"]["align/sldc"]["accuracy_matrix"][0] == r["heads"]["align"]["accuracy_matrix"][0]
     c = torch.load(tmp_path / continual.CHECKPOINT, weights_only=True)["compare_heads"]
     moved, stale = c["align/sldc"], c["align"]
