@@ -363,7 +363,8 @@ class WeakMap(nn.Module):
         return y + a[2] * (F.relu(x @ self.W1 + self.b1) @ self.W2 + self.b2) if self.mlp else y
 
     def move(self, x: Tensor) -> Tensor:
-        """The map as SLDC applies it to features of any length: each row's direction is mapped, its length kept."""
+        """The map as SLDC applies it to features of any length: each row's direction is mapped and the image
+        scaled by the row's length."""
         norm = x.norm(dim=1, keepdim=True)
         return self(x / norm.clamp_min(1e-12)) * norm
 
@@ -403,13 +404,10 @@ def move_gaussians(means: Tensor, factors: Tensor, fn: Callable[[Tensor], Tensor
     """Each class's Gaussian carried through a map of the features that is not linear (SLDC's way): `draws` draws
     from N(mu_c, L_c L_c^T) go through fn, and the class becomes their mean and the Cholesky factor of their
     covariance, ridged as class_statistics ridges it. Returns means (C, D) and factors (C, D, D), float32."""
-    moved = [], []
-    for c in range(len(means)):
-        f, _ = sample_features(means[c:c + 1], factors[c:c + 1], draws, gen)
-        mu, L = class_statistics(fn(f), torch.zeros(draws, dtype=torch.long, device=f.device), range(1), ridge)
-        moved[0].append(mu)
-        moved[1].append(L)
-    return torch.cat(moved[0]), torch.cat(moved[1])
+    one_class = torch.zeros(draws, dtype=torch.long, device=means.device)
+    moved = [class_statistics(fn(sample_features(means[c:c + 1], factors[c:c + 1], draws, gen)[0]), one_class,
+                              range(1), ridge) for c in range(len(means))]
+    return torch.cat([mu for mu, _ in moved]), torch.cat([L for _, L in moved])
 
 
 def gaussian_gram(means: Tensor, factors: Tensor, counts: Tensor, projection: Tensor | None,
@@ -525,9 +523,10 @@ class Classifier:
     def regenerates(self) -> bool:
         """Whether the ridge head rebuilds old classes' G and Q from their Gaussians after a remedy moved them
         (gaussian_gram): when only means move (sdc, adc), or a map meets a ReLU projection, which G cannot follow,
-        or a map moves the means alone (a map's -mean), or as a diagnostic with nothing moved (gaussian) or only the
-        means (oracle-mean). The plain ridge head (M = 0) under a full linear map carries G exactly instead."""
-        return self.kind == "ridge" and (self.drift in ("sdc", "adc", "sldc", "sldc-no-mlp", "gaussian", "oracle-mean") or self.means_only or (
+        or a map moves the means alone (a map's -mean), or a map is not linear (sldc), or as a diagnostic with nothing
+        moved (gaussian) or only the means (oracle-mean). The plain ridge head (M = 0) under a full linear map carries G exactly instead."""
+        moves_gaussians = ("sdc", "adc", "sldc", "sldc-no-mlp", "gaussian", "oracle-mean")
+        return self.kind == "ridge" and (self.drift in moves_gaussians or self.means_only or (
             self.drift in MAPS and self.projection is not None))
 
     @property
