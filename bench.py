@@ -1249,7 +1249,9 @@ def make_parser() -> argparse.ArgumentParser:
                         help="run a variant set with this regime and budget; custom: the flags after --")
     parser.add_argument("--set", default="methods", choices=sorted(SETS),
                         help="methods: the three methods and baselines side by side; ham, treelora, trm: that "
-                             "method's ablations")
+                             "method's ablations; ridge_width: the ridge head's M; drift, adc, adc-ridge, ranpac, ldc, "
+                             "means, evidence, sldc, sldc-mlp: the drift remedies beside the stale heads and the "
+                             "oracle (docs/results.md)")
     parser.add_argument("--seeds", type=int, default=1, help="repeat each run over seeds 0..N-1 (mean ± std)")
     parser.add_argument("--tasks", type=int, nargs="+", default=None,
                         help="task counts to run instead of the preset's (each must divide 100)")
