@@ -526,9 +526,9 @@ def stale_anatomy(checkpoint: Path, kind: str = "align") -> dict[str, float]:
     cov_drift: sum |Sigma_oracle - Sigma_stale|_F / sum |Sigma_stale|_F; length_ratio: |mu_oracle| / |mu_stale|,
     averaged over the classes that moved, and radial_share: the share of the means' squared drift along the stale
     means' own directions (a change of length, which a map of directions such as SLDC's keeps, deviation 44); for
-    each remedy, the share of the means'
-    drift it explains, 1 - sum |mu_oracle - mu_remedy|^2 / sum |mu_oracle - mu_stale|^2, and of the covariances'
-    (the same in Frobenius norm). The newest task's classes are the same in every head and add nothing.
+    each remedy, the share of the means' drift it explains, 1 - sum |mu_oracle - mu_remedy|^2 / sum |mu_oracle -
+    mu_stale|^2, and of the covariances' (the same in Frobenius norm). The newest task's classes are the same in
+    every head and add nothing.
     """
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     heads = state["compare_heads"]
@@ -1356,7 +1356,7 @@ def main() -> None:
         plot = plot_curves(result["curves"], out / f"{name}.png")
         print(f"\n{stamp} ({time.perf_counter() - t0:.0f} s, {args.jobs} job(s) at a time)\n\n{table}\n\n{plot}")
         report[args.set] = {**result, "preset": PRESETS[args.preset], "table": table}
-        if args.set in ("ldc", "sldc", "sldc-mlp"):  # the stale statistics' anatomy, from each run's final checkpoint (stale_anatomy)
+        if args.set in ("ldc", "sldc", "sldc-mlp"):  # stale_anatomy of each run's final checkpoint
             anatomy = anatomy_table(runs, args.set, (args.tasks or PRESETS[args.preset]["tasks"])[0], args.seeds)
             table += f"\n\nWhat stale statistics are at the end of each run (aligned head; bench.stale_anatomy):\n\n{anatomy}"
             print(f"\n{anatomy}")

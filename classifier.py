@@ -126,6 +126,12 @@ def class_statistics(features: Tensor, labels: Tensor, classes: range, ridge: fl
     return torch.stack(means), torch.stack(factors)
 
 
+def copy_generator(gen: torch.Generator) -> torch.Generator:
+    """A generator in gen's state that leaves gen where it is: a remedy's own draws, so that a head's draws stay the
+    stale head's."""
+    return torch.Generator(gen.device).set_state(gen.get_state())
+
+
 def sample_features(means: Tensor, factors: Tensor, per_class: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
     """per_class draws from each class's Gaussian N(mu_c, L_c L_c^T): x = mu_c + L_c z, z ~ N(0, I).
 
@@ -524,7 +530,8 @@ class Classifier:
         """Whether the ridge head rebuilds old classes' G and Q from their Gaussians after a remedy moved them
         (gaussian_gram): when only means move (sdc, adc), or a map meets a ReLU projection, which G cannot follow,
         or a map moves the means alone (a map's -mean), or a map is not linear (sldc), or as a diagnostic with nothing
-        moved (gaussian) or only the means (oracle-mean). The plain ridge head (M = 0) under a full linear map carries G exactly instead."""
+        moved (gaussian) or only the means (oracle-mean). The plain ridge head (M = 0) under a full linear map
+        carries G exactly instead."""
         moves_gaussians = ("sdc", "adc", "sldc", "sldc-no-mlp", "gaussian", "oracle-mean")
         return self.kind == "ridge" and (self.drift in moves_gaussians or self.means_only or (
             self.drift in MAPS and self.projection is not None))
@@ -593,7 +600,7 @@ class Classifier:
     def end_task_(self, features: Tensor, labels: Tensor, classes: range, gen: torch.Generator,
                   before: Tensor | None = None, seen: list[tuple[Tensor, Tensor, range]] | None = None,
                   probe: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]] | None = None,
-                  views: tuple[Tensor, Tensor] | None = None, weak: Callable[[bool], WeakMap] | None = None) -> None:
+                  views: tuple[Tensor, Tensor] | None = None, weak: Callable[[str], WeakMap] | None = None) -> None:
         """Add the task's classes' statistics (features: (N, D) of the task's training images, labels global) and
         rewrite the head's rows of every seen class.
 
@@ -602,9 +609,9 @@ class Classifier:
         probe: old classes' means -> ADC's pushed images' (classes, features before, features after)
         (adversarial_pairs with the task's images and both backbones; adc, adc-linear, adc-views); views: (E, N, D)
         features of E augmented views of the task's images (in the order of `labels`) before and after the task
-        (ldc, linear-views, adc-views); weak: mlp -> SLDC's weakly non-linear map fitted on (before, features) from
-        a generator in gen's state (sldc, and without its MLP sldc-no-mlp; the loop fits each once for every head of
-        a run), else fitted here.
+        (ldc, linear-views, adc-views); weak: the drift (sldc, sldc-no-mlp) -> SLDC's map fitted on (before,
+        features) from a generator in gen's state (the loop fits each once for every head of a run), else fitted
+        here.
         """
         if self.kind == "linear":
             return
@@ -635,7 +642,7 @@ class Classifier:
             if old and self.drift == "adc":
                 self.means = adversarial_means(self.means, *probe(self.means))
             if old and self.remedy == "ldc":  # its shuffles from a copy of gen: the head's own draws stay the stale head's
-                self._transform(ldc_projector(*views, torch.Generator(gen.device).set_state(gen.get_state())))
+                self._transform(ldc_projector(*views, copy_generator(gen)))
             if old and self.remedy in ("adc-linear", "linear-views", "adc-views"):  # linear-cls's map on more evidence
                 b, a, y = [before], [features], [labels]
                 if self.remedy != "adc-linear":  # every augmented view, counted in its image's class
@@ -648,14 +655,12 @@ class Classifier:
                 self.map_ridge, _ = choose_map_ridge_by_class(b, a, y)
                 self._transform(linear_drift_map(b, a, self.map_ridge))
             if old and self.drift in ("sldc", "sldc-no-mlp"):  # a map that is not linear moves Gaussians by their draws
-                mlp = self.drift == "sldc"
-                def own_gen() -> torch.Generator:  # a copy of gen: the head's own draws stay the stale head's
-                    return torch.Generator(gen.device).set_state(gen.get_state())
-                m = weak(mlp) if weak is not None else weak_map(before, features, own_gen(), mlp=mlp)
+                m = (weak(self.drift) if weak is not None else
+                     weak_map(before, features, copy_generator(gen), mlp=self.drift == "sldc"))
                 if self.factors is None:  # the nearest-class-mean head keeps means only: they are moved as points
                     self.means = m.move(self.means.float())
                 else:
-                    self.means, self.factors = move_gaussians(self.means, self.factors, m.move, own_gen(),
+                    self.means, self.factors = move_gaussians(self.means, self.factors, m.move, copy_generator(gen),
                                                               SLDC_DRAWS * self.means.shape[1])
             if old and self.drift == "oracle-mean":  # the oracle's means, the stored covariances
                 self.means = torch.cat([ncm_means(f, y, c) for f, y, c in seen[:-1]])

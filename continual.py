@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from classifier import LDC_VIEWS, Classifier, WeakMap, adversarial_pairs, weak_map
+from classifier import LDC_VIEWS, Classifier, WeakMap, adversarial_pairs, copy_generator, weak_map
 from data import (SplitData, UserError, class_order, domain_class_order, domain_task_layout, load_cifar100,
                   load_fashion_mnist, make_synthetic, read_image_folder, split_data, with_domains)
 from flags import CLArgs, bf16_autocast, domain_task_counts, normalization_values, parse_heads, parse_lambdas
@@ -441,19 +441,18 @@ def adversarial_probe(old_model: ViT, model: ViT, data: SplitData, task: int, be
     return probe
 
 
-def shared_weak_map(before: Tensor | None, after: Tensor, gen: torch.Generator) -> Callable[[bool], WeakMap]:
+def shared_weak_map(before: Tensor | None, after: Tensor, gen: torch.Generator) -> Callable[[str], WeakMap]:
     """SLDC's weakly non-linear map (classifier.weak_map) of the task's features, fitted on the first call and
     returned again after: it depends on the backbone and the generator's state alone, which every head of a run gets
-    the same, so a run fits it once a task however many of its heads move their statistics through it; weak(False)
-    is the map without its MLP (--drift sldc-no-mlp), from a generator in the same state. `weak.fitted` holds the
+    the same, so a run fits it once a task however many of its heads move their statistics through it;
+    weak("sldc-no-mlp") is the map without its MLP, from a generator in the same state. `weak.fitted` holds the
     maps fitted, by drift name."""
     fitted: dict[str, WeakMap] = {}
 
-    def weak(mlp: bool = True) -> WeakMap:
-        name = "sldc" if mlp else "sldc-no-mlp"
-        if name not in fitted:
-            fitted[name] = weak_map(before, after, torch.Generator(gen.device).set_state(gen.get_state()), mlp=mlp)
-        return fitted[name]
+    def weak(drift: str = "sldc") -> WeakMap:
+        if drift not in fitted:
+            fitted[drift] = weak_map(before, after, copy_generator(gen), mlp=drift == "sldc")
+        return fitted[drift]
     weak.fitted = fitted
     return weak
 
