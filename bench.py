@@ -180,6 +180,13 @@ SLDC_MLP = {"align": None, "align, SLDC weakly non-linear map": "align/sldc", "a
             "ridge, SLDC weakly non-linear map": "ridge/sldc", "ridge, SLDC without its MLP": "ridge/sldc-no-mlp",
             "ridge, oracle": "ridge/oracle"}
 SLDC_MLP_RUN = [*SLDC_RUN, "--align-epochs", "20"]  # a default named: runs of their own
+# what a remedy could win at best: the linear map fitted on the old classes' own images (oracle-map, a diagnostic
+# that uses old data) beside the held-out-class map fitted on the task's, the oracle's means and the oracle
+HEADROOM = {"align": None, "align, linear drift (held-out class)": "align/linear-cls",
+            "align, the best linear map (old images)": "align/oracle-map", "align, oracle means": "align/oracle-mean",
+            "align, oracle": "align/oracle", "ridge": "ridge", "ridge, linear drift (held-out class)": "ridge/linear-cls",
+            "ridge, the best linear map (old images)": "ridge/oracle-map", "ridge, oracle": "ridge/oracle"}
+HEADROOM_RUN = [*SLDC_RUN, "--ridge-lambdas", "1e-8:1e8"]  # a default named: runs of their own
 # set -> label -> (script, extra flags[, head]); {tasks} is filled in. A row with a head reads that --compare-heads
 # entry of the run its script and flags make, so rows of one run share it. The first row of an ablation set is the
 # method.
@@ -245,6 +252,11 @@ SETS = {
     "sldc-mlp": {  # SLDC's map with and without its MLP branch (deviation 44)
         **learner_rows("SeqLoRA (SLDC ablation run)", SEQLORA[0], [*SEQLORA[1], *ALIGN, *SLDC_MLP_RUN], SLDC_MLP),
         **learner_rows("TreeLoRA (SLDC ablation run)", "treelora", [*ALIGN, *SLDC_MLP_RUN], SLDC_MLP),
+    },
+    "headroom": {  # the best single linear map of the old classes' drift (a diagnostic; deviation 45)
+        **learner_rows("TreeLoRA (headroom run)", "treelora", [*ALIGN, *HEADROOM_RUN], HEADROOM),
+        **learner_rows("TRM (headroom run)", "trm", [*ALIGN, *HEADROOM_RUN], HEADROOM),
+        **learner_rows("SeqLoRA (headroom run)", SEQLORA[0], [*SEQLORA[1], *ALIGN, *HEADROOM_RUN], HEADROOM),
     },
     "ham": {
         "HAM": ("ham", []),
@@ -1251,7 +1263,7 @@ def make_parser() -> argparse.ArgumentParser:
                         help="methods: the three methods and baselines side by side; ham, treelora, trm: that "
                              "method's ablations; ridge_width: the ridge head's M; drift, adc, adc-ridge, ranpac, ldc, "
                              "means, evidence, sldc, sldc-mlp: the drift remedies beside the stale heads and the "
-                             "oracle (docs/results.md)")
+                             "oracle; headroom: the best single linear map of old classes' drift (docs/results.md)")
     parser.add_argument("--seeds", type=int, default=1, help="repeat each run over seeds 0..N-1 (mean ± std)")
     parser.add_argument("--tasks", type=int, nargs="+", default=None,
                         help="task counts to run instead of the preset's (each must divide 100)")
@@ -1356,7 +1368,7 @@ def main() -> None:
         plot = plot_curves(result["curves"], out / f"{name}.png")
         print(f"\n{stamp} ({time.perf_counter() - t0:.0f} s, {args.jobs} job(s) at a time)\n\n{table}\n\n{plot}")
         report[args.set] = {**result, "preset": PRESETS[args.preset], "table": table}
-        if args.set in ("ldc", "sldc", "sldc-mlp"):  # stale_anatomy of each run's final checkpoint
+        if args.set in ("ldc", "sldc", "sldc-mlp", "headroom"):  # stale_anatomy of each run's final checkpoint
             anatomy = anatomy_table(runs, args.set, (args.tasks or PRESETS[args.preset]["tasks"])[0], args.seeds)
             table += f"\n\nWhat stale statistics are at the end of each run (aligned head; bench.stale_anatomy):\n\n{anatomy}"
             print(f"\n{anatomy}")

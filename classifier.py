@@ -55,6 +55,10 @@ the methods keep no old data to refresh them with. `drift` says what happens to 
   oracle-mean  a diagnostic: old classes' means recomputed as the oracle's, their covariances (and the ridge head's
           Gaussians) left stale; with the oracle, it splits what stale statistics cost into the means' part and the
           covariances' part;
+  oracle-map  a diagnostic: the linear map fitted, as linear's, on the old classes' own training images before and
+          after the task carries every statistic: the best any single linear map of the features could do, so that
+          what a map fitted on the task's images loses splits into what its evidence costs and what being one linear
+          map costs;
   <map>-mean  any map above (linear, linear-cv, linear-cls, adc-linear, ldc, linear-views, adc-views) moving the
           means only, the covariances left stale: oracle-mean's remedy counterpart, for backbones whose covariances
           a map carries worse than it leaves them (docs/results.md).
@@ -74,7 +78,7 @@ MAPS = ("linear", "linear-cv", "linear-cls", "adc-linear", "ldc", "linear-views"
 MEAN_MAPS = tuple(f"{m}-mean" for m in MAPS)  # the same maps moving the means only (deviation 42)
 # what moves old statistics when the backbone changes
 DRIFT = ("none", "sdc", "linear", "linear-cv", "linear-cls", "linear-h", "adc", "adc-linear", "ldc", "linear-views",
-         "adc-views", "sldc", "sldc-no-mlp", "gaussian", "oracle", "oracle-mean", *MEAN_MAPS)
+         "adc-views", "sldc", "sldc-no-mlp", "gaussian", "oracle", "oracle-mean", "oracle-map", *MEAN_MAPS)
 ALIGN_SAMPLES = 256  # features sampled per class and epoch, SLCA's num_sampled_pcls
 ALIGN_EPOCHS = 20  # SLCA uses 5 (ca_epochs) on 100 classes; with 10 classes 20 measured better (docs/deviations.md, deviation 24)
 ALIGN_LR = 0.01  # SGD, momentum 0.9, cosine-annealed over the epochs (SLCA)
@@ -534,12 +538,13 @@ class Classifier:
         carries G exactly instead."""
         moves_gaussians = ("sdc", "adc", "sldc", "sldc-no-mlp", "gaussian", "oracle-mean")
         return self.kind == "ridge" and (self.drift in moves_gaussians or self.means_only or (
-            self.drift in MAPS and self.projection is not None))
+            self.drift in (*MAPS, "oracle-map") and self.projection is not None))
 
     @property
     def needs_features_before(self) -> bool:
         """Whether end_task_ wants the task's features under the backbone before the task as well."""
-        return self.needs_features and self.remedy not in ("none", "gaussian", "oracle", "oracle-mean", "ldc")
+        return self.needs_features and self.remedy not in ("none", "gaussian", "oracle", "oracle-mean", "oracle-map",
+                                                           "ldc")
 
     @property
     def needs_views(self) -> bool:
@@ -555,7 +560,12 @@ class Classifier:
     @property
     def needs_seen_features(self) -> bool:
         """Whether end_task_ wants every seen task's features under the current backbone (the oracle)."""
-        return self.needs_features and self.drift in ("oracle", "oracle-mean")
+        return self.needs_features and self.drift in ("oracle", "oracle-mean", "oracle-map")
+
+    @property
+    def needs_seen_before(self) -> bool:
+        """Whether end_task_ wants every old task's features under the backbone before the task (oracle-map)."""
+        return self.needs_features and self.drift == "oracle-map"
 
     def _add(self, features: Tensor, labels: Tensor, classes: range) -> Tensor | None:
         """Append the statistics of one task's classes; the ridge head returns its input h for these features."""
@@ -600,12 +610,15 @@ class Classifier:
     def end_task_(self, features: Tensor, labels: Tensor, classes: range, gen: torch.Generator,
                   before: Tensor | None = None, seen: list[tuple[Tensor, Tensor, range]] | None = None,
                   probe: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]] | None = None,
-                  views: tuple[Tensor, Tensor] | None = None, weak: Callable[[str], WeakMap] | None = None) -> None:
+                  views: tuple[Tensor, Tensor] | None = None, weak: Callable[[str], WeakMap] | None = None,
+                  seen_before: list[Tensor] | None = None) -> None:
         """Add the task's classes' statistics (features: (N, D) of the task's training images, labels global) and
         rewrite the head's rows of every seen class.
 
         before: the same images' features under the backbone before the task (every remedy); seen: (features,
-        labels, classes) of every seen task under the current backbone, this one included and last (oracle);
+        labels, classes) of every seen task under the current backbone, this one included and last (oracle,
+        oracle-mean, oracle-map); seen_before: every old task's features (seen's but the last) under the backbone
+        before the task (oracle-map);
         probe: old classes' means -> ADC's pushed images' (classes, features before, features after)
         (adversarial_pairs with the task's images and both backbones; adc, adc-linear, adc-views); views: (E, N, D)
         features of E augmented views of the task's images (in the order of `labels`) before and after the task
@@ -662,6 +675,8 @@ class Classifier:
                 else:
                     self.means, self.factors = move_gaussians(self.means, self.factors, m.move, copy_generator(gen),
                                                               SLDC_DRAWS * self.means.shape[1])
+            if old and self.drift == "oracle-map":  # the least-squares map of the old classes' own images
+                self._transform(linear_drift_map(torch.cat(seen_before), torch.cat([f for f, _, _ in seen[:-1]])))
             if old and self.drift == "oracle-mean":  # the oracle's means, the stored covariances
                 self.means = torch.cat([ncm_means(f, y, c) for f, y, c in seen[:-1]])
             if old and self.regenerates:

@@ -877,9 +877,12 @@ def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, 
             t1 = time.perf_counter()
             views_before = task_views(model, data, task, LDC_VIEWS, view_generator(args.seed, task, device),
                                       **feature_kw) if needs_views else None
+            # the oracle's map (a diagnostic that uses old data): every old task's features before the task
+            seen_before = [task_features(model, data, j, **feature_kw)[0] for j in range(task)] if task and any(
+                h.needs_seen_before for h in heads) else None
             # ADC pushes images through the backbone as it was before the task: a frozen copy (not training)
             old_model = frozen_copy(model) if needs_before and any(h.needs_backbone_before for h in heads) else None
-            copy_seconds = time.perf_counter() - t1  # the views and the copy
+            copy_seconds = time.perf_counter() - t1  # the views, the oracle map's passes and the copy
             trainable = train_task(model, method, batches, epochs=args.epochs, lr=args.lr,
                                    head_lr=args.head_lr or args.lr, task=task,
                                    tasks=args.tasks, clock=clock, log=log, amp=amp)
@@ -905,10 +908,10 @@ def _run(args: CLArgs, make_method, name: str, out: Path, device: torch.device, 
                 weak = None if not task else shared_weak_map(before, feats, head_generator(args.seed, task, device))
                 for h in beside.values():
                     h.end_task_(feats, labels, batches.classes, head_generator(args.seed, task, device), before, seen,
-                                probe, views, weak)
+                                probe, views, weak, seen_before)
                 compare_seconds += time.perf_counter() - t1 + (0.0 if head.needs_seen_features else passes)
                 head.end_task_(feats, labels, batches.classes, head_generator(args.seed, task, device), before, seen,
-                               probe, views, weak)
+                               probe, views, weak, seen_before)
             if head.lam is not None:
                 info["ridge_lambda"] = head.lam
             if weak is not None and weak.fitted:  # SLDC's mixture: the weights of the identity, the linear map, the MLP

@@ -109,7 +109,8 @@ class CLArgs:
                              "oracle (a diagnostic "
                              "that uses old data: recomputed from every seen class's training images under the "
                              "current backbone); oracle-mean (a diagnostic: the oracle's means, stale "
-                             "covariances); a map's name with -mean (e.g. linear-cls-mean, ldc-mean): that map moves "
+                             "covariances); oracle-map (a diagnostic: the linear map fitted on old classes' own "
+                             "images, the best single map); a map's name with -mean (e.g. linear-cls-mean, ldc-mean): that map moves "
                              "the means only, covariances stale. The ridge head rebuilds its sums from each "
                              "class's moved Gaussian, or with --rp-dim 0 under a map carries them exactly",
                      choices=DRIFT)

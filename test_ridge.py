@@ -314,7 +314,8 @@ def test_adc_heads_run_beside_a_run_without_changing_it(tmp_path):
     argv = [*TINY, "--tasks", "2", "--epochs", "1", "--train-per-class", "2", "--classifier", "ncm"]
     run_script("treelora", [*argv, "--out", str(tmp_path / "plain")])
     run_script("treelora", [*argv, "--compare-heads", "ncm/adc,ridge0/adc-linear,ridge/adc,ridge/linear-h,align/ldc,"
-                                               "ridge/linear-views,ncm/oracle-mean,align/ldc-mean",
+                                               "ridge/linear-views,ncm/oracle-mean,align/ldc-mean,"
+                                               "align/oracle-map,ridge/oracle-map",
                             "--rp-dim", "32",
                             "--out", str(tmp_path / "adc")])
     plain, adc = (json.loads((tmp_path / k / "results.json").read_text()) for k in ("plain", "adc"))
@@ -339,6 +340,9 @@ def test_adc_heads_run_beside_a_run_without_changing_it(tmp_path):
     ldc_mean = c_adc["compare_heads"]["align/ldc-mean"]  # the same projector on the means alone (its own views)
     assert torch.equal(ldc_mean["means"], ldc["means"]) and not torch.equal(ldc_mean["factors"], ldc["factors"])
     assert adc["tasks"][1]["compare_heads"]["ridge/linear-views"]["map_ridge"] in classifier.CLASS_RIDGES
+    oracle_map = c_adc["compare_heads"]["align/oracle-map"]  # the map of the old classes' own images moved them
+    assert not torch.equal(oracle_map["means"][:50], stale[:50]) and torch.equal(oracle_map["means"][50:], stale[50:])
+    assert c_adc["compare_heads"]["ridge/oracle-map"]["factors"] is not None  # through a projection: Gaussians rebuilt
     assert all(t["consolidate_seconds"] >= 0 for t in adc["tasks"])  # the views and the copy are not consolidation
 
 
@@ -528,6 +532,41 @@ def test_oracle_means_take_the_oracles_means_and_keep_the_stale_covariances(kind
         feats[60:] @ A, labels[60:], range(2, 4))[1])
     if kind == "ridge":  # the old classes' sums rebuilt from the moved means, the new task's exact
         assert not torch.allclose(c.G, heads["none"][0].G) and torch.allclose(c.Q[:, 2:], heads["none"][0].Q[:, 2:])
+
+
+@pytest.mark.parametrize("kind", ["align", "ncm", "ridge0"])
+def test_the_oracle_map_is_fitted_on_the_old_classes_own_images(kind):
+    """--drift oracle-map: the map is fitted on the old classes' images before and after the task, not on the task's:
+    where the old classes move by A and the task's images by another map B, the old statistics follow A (the oracle's
+    means, up to the ridge toward the identity) and the map fitted on the task's images (linear) follows B."""
+    feats, labels = blobs(4, 30, 5, seed=10)
+    A, B = (torch.eye(5) + 0.5 * torch.randn(5, 5, generator=torch.Generator().manual_seed(s)) for s in (6, 7))
+    old, new = feats[:60], feats[60:]
+    seen = [(old @ A, labels[:60], range(0, 2)), (new @ B, labels[60:], range(2, 4))]
+    heads = {}
+    for drift in ("linear", "oracle-map"):
+        c = Classifier(kind.removesuffix("0"), nn.Linear(5, 4), drift, lambdas=(1.0,))
+        c.end_task_(old, labels[:60], range(0, 2), torch.Generator().manual_seed(1), seen=seen[:1])
+        c.end_task_(new @ B, labels[60:], range(2, 4), torch.Generator().manual_seed(1), before=new, seen=seen,
+                    seen_before=[old])
+        heads[drift] = c
+    assert heads["oracle-map"].needs_seen_before and not heads["oracle-map"].needs_features_before
+    assert heads["oracle-map"].needs_seen_features and not heads["linear"].needs_seen_before
+    if kind == "ridge0":  # no projection: G and Q are carried exactly by the fitted map
+        m = (old @ A).double()
+        assert torch.allclose(heads["oracle-map"].G, m.T @ m + (new @ B).double().T @ (new @ B).double(),
+                              rtol=1e-3, atol=1e-3 * m.abs().max().item() ** 2)
+        return
+    oracle = ncm_means(old @ A, labels[:60], range(0, 2))
+    assert torch.allclose(heads["oracle-map"].means[:2], oracle, atol=1e-3)
+    assert torch.allclose(heads["linear"].means[:2], ncm_means(old @ B, labels[:60], range(0, 2)), atol=1e-3)
+    assert not torch.allclose(heads["linear"].means[:2], oracle, atol=0.1)
+    if kind == "align":  # the covariance carried through the fitted map: A^T (Sigma + ridge) A
+        for k in range(2):
+            carried = heads["oracle-map"].factors[k].double() @ heads["oracle-map"].factors[k].double().T
+            sigma = torch.cov(old[labels[:60] == k].double().T)
+            expected = A.double().T @ (sigma + 1e-4 * sigma.trace() / 5 * torch.eye(5, dtype=torch.float64)) @ A.double()
+            assert torch.allclose(carried, expected, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("kind", ["align", "ridge"])
