@@ -180,11 +180,13 @@ SLDC_MLP = {"align": None, "align, SLDC weakly non-linear map": "align/sldc", "a
             "ridge, SLDC weakly non-linear map": "ridge/sldc", "ridge, SLDC without its MLP": "ridge/sldc-no-mlp",
             "ridge, oracle": "ridge/oracle"}
 SLDC_MLP_RUN = [*SLDC_RUN, "--align-epochs", "20"]  # a default named: runs of their own
-# what a remedy could win at best: the linear map fitted on the old classes' own images (oracle-map, a diagnostic
-# that uses old data) beside the held-out-class map fitted on the task's, the oracle's means and the oracle
+# what a linear map could win at best: the map fitted on the old classes' own images (oracle-map, a diagnostic that
+# uses old data, deviation 45) beside two maps fitted on the task's images (the held-out-class map and SLDC's linear
+# operator, deviation 44), the oracle's means and the oracle
 HEADROOM = {"align": None, "align, linear drift (held-out class)": "align/linear-cls",
-            "align, the best linear map (old images)": "align/oracle-map", "align, oracle means": "align/oracle-mean",
-            "align, oracle": "align/oracle", "ridge": "ridge", "ridge, linear drift (held-out class)": "ridge/linear-cls",
+            "align, SLDC linear map": "align/sldc-linear", "align, the best linear map (old images)": "align/oracle-map",
+            "align, oracle means": "align/oracle-mean", "align, oracle": "align/oracle", "ridge": "ridge",
+            "ridge, linear drift (held-out class)": "ridge/linear-cls", "ridge, SLDC linear map": "ridge/sldc-linear",
             "ridge, the best linear map (old images)": "ridge/oracle-map", "ridge, oracle": "ridge/oracle"}
 HEADROOM_RUN = [*SLDC_RUN, "--ridge-lambdas", "1e-8:1e8"]  # a default named: runs of their own
 # set -> label -> (script, extra flags[, head]); {tasks} is filled in. A row with a head reads that --compare-heads
@@ -254,9 +256,9 @@ SETS = {
         **learner_rows("TreeLoRA (SLDC ablation run)", "treelora", [*ALIGN, *SLDC_MLP_RUN], SLDC_MLP),
     },
     "headroom": {  # the best single linear map of the old classes' drift (a diagnostic; deviation 45)
+        **learner_rows("SeqLoRA (headroom run)", SEQLORA[0], [*SEQLORA[1], *ALIGN, *HEADROOM_RUN], HEADROOM),
         **learner_rows("TreeLoRA (headroom run)", "treelora", [*ALIGN, *HEADROOM_RUN], HEADROOM),
         **learner_rows("TRM (headroom run)", "trm", [*ALIGN, *HEADROOM_RUN], HEADROOM),
-        **learner_rows("SeqLoRA (headroom run)", SEQLORA[0], [*SEQLORA[1], *ALIGN, *HEADROOM_RUN], HEADROOM),
     },
     "ham": {
         "HAM": ("ham", []),

@@ -1,6 +1,7 @@
 """The ridge head (RanPAC), its lambda, the linear drift map, the oracle, the heads kept beside a run and the
 first-session baseline: each against a direct computation or a run that must agree with it."""
 import json
+import math
 
 import pytest
 import torch
@@ -644,6 +645,41 @@ def test_adc_views_is_linear_cls_fitted_on_the_images_their_views_and_the_pushed
     assert len(asked) == 1 and torch.equal(asked[0], old) and c.map_ridge == ridge
     assert torch.allclose(c.means[:2], (old.double() @ linear_drift_map(b, a, ridge)).float(), atol=1e-5)
     assert c.needs_views and c.needs_backbone_before and c.needs_features_before
+
+
+@pytest.mark.parametrize("n", [5, 12, 400])
+def test_sldc_s_linear_map_is_the_ridge_solution_on_unit_features_shrunk_toward_the_identity(n):
+    """SLDC's linear operator: taking the identity's share exp(-n / D) back out leaves a W at which the gradient of
+    |X W - Y|^2 + gamma |W|^2 on the unit features vanishes; with many images against D and a drift that keeps lengths
+    (a rotation) it is the drift itself."""
+    D = 6
+    g = torch.Generator().manual_seed(n)
+    before = torch.randn(n, D, generator=g, dtype=torch.float64) * 3
+    R = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))[0]
+    after = before @ R + (0.0 if n == 400 else 0.3 * torch.randn(n, D, generator=g, dtype=torch.float64))
+    M = classifier.sldc_linear_map(before, after)
+    w = math.exp(-n / D)
+    W = (M - w * torch.eye(D, dtype=torch.float64)) / (1 - w)
+    x, y = torch.nn.functional.normalize(before, dim=1), torch.nn.functional.normalize(after, dim=1)
+    assert (x.T @ (x @ W - y) + classifier.SLDC_GAMMA_1 * W).abs().max() < 1e-9
+    if n == 400:
+        assert torch.allclose(M, R, atol=1e-3)
+    else:  # few images: the identity keeps its share
+        assert torch.allclose(M, w * torch.eye(D, dtype=torch.float64) + (1 - w) * W)
+        assert not torch.allclose(M, W, atol=0.05)
+
+
+def test_an_sldc_linear_head_carries_its_statistics_through_the_map():
+    feats, labels = blobs(4, 30, 5, seed=11)
+    A = torch.eye(5) + 0.4 * torch.randn(5, 5, generator=torch.Generator().manual_seed(8))
+    c = Classifier("align", nn.Linear(5, 4), "sldc-linear")
+    c.end_task_(feats[:60], labels[:60], range(0, 2), torch.Generator().manual_seed(1))
+    means, factors = c.means.clone(), c.factors.clone()
+    c.end_task_(feats[60:] @ A, labels[60:], range(2, 4), torch.Generator().manual_seed(1), before=feats[60:])
+    M = classifier.sldc_linear_map(feats[60:], feats[60:] @ A)
+    assert torch.allclose(c.means[:2], (means.double() @ M).float(), atol=1e-5)
+    assert torch.allclose(c.factors[:2], (M.T @ factors.double()).float(), atol=1e-5)
+    assert classifier.head_problem("ridge", "sldc-linear-mean") is None
 
 
 def test_weak_map_learns_a_drift_that_is_not_linear_and_keeps_lengths():
