@@ -1168,6 +1168,7 @@ def run_digest(results: Path) -> dict:
     return {"run": str(results.parent), "finished": r["finished"], "tasks_done": len(r["accuracy_matrix"]),
             "A_last": r["metrics"].get("A_last"), "forgetting": r["metrics"].get("forgetting"),
             "heads": {k: h["metrics"].get("A_last") for k, h in r.get("heads", {}).items()},
+            "drift_recovery": r.get("drift_recovery"),
             "train_seconds": r["train_seconds"], "wall_seconds": r["wall_seconds"],
             "compiled_blocks": r.get("compiled_blocks"), "last_epoch_images_per_second": speeds[-1] if speeds else None,
             "merge_seconds_per_task": statistics.mean(merges) if merges else None,
@@ -1177,7 +1178,8 @@ def run_digest(results: Path) -> dict:
 def gpu_all(device: torch.device, out: Path, work: Path, stamp: str, explicit_device: str | None,
             budget: float) -> int:
     """--gpu-all: the speed report alone on the GPU; then the GPU check; then the methods set at 224 px on both
-    real regimes at once (8 runs each, one seed), every child stopped at the budget. Writes gpu_all.md,
+    real regimes at once (8 runs each, one seed) and the adc set's remedies on the domain regime (3 runs), every child
+    stopped at the budget. Writes gpu_all.md,
     gpu_all.json and gpu_all_log.txt in out; returns the exit code (1 if the check failed or a run did)."""
     t0 = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
@@ -1214,10 +1216,12 @@ def gpu_all(device: torch.device, out: Path, work: Path, stamp: str, explicit_de
         begun = time.perf_counter() - t0
         dev = ["--device", explicit_device] if explicit_device else []
         regimes = ("pretrained-224", "domains-224")  # the check's runs and the methods' share the GPU from here
-        codes = wait([child(["--gpu-check", "--out", str(work / "check"), *dev])]
+        # the remedies the CPU figures favour (ADC with the map), beside the oracle at the papers' resolution
+        adc = ["--preset", "domains-224", "--set", "adc", "--seeds", "1", "--jobs", "3", "--out", str(work / "adc-224")]
+        codes = wait([child(["--gpu-check", "--out", str(work / "check"), *dev]), child([*adc, *dev])]
                      + [child(["--preset", p, "--set", "methods", "--seeds", "1", "--jobs", "8", "--out",
                                str(work / p), *dev]) for p in regimes])
-        code, codes = codes[0], codes[1:]
+        code, adc_code, codes = codes[0], codes[1], codes[2:]
         md.append(f"\n## The GPU check (begun {begun:.0f} s in, beside the methods set)\n")
         check = work / "check" / "gpu_check.md"
         md.append(check.read_text() if check.exists() else f"the check stopped (exit {code}) before its report")
@@ -1229,13 +1233,18 @@ def gpu_all(device: torch.device, out: Path, work: Path, stamp: str, explicit_de
                                                      "no table: a run failed or the budget ran out; the runs' "
                                                      "digests are in gpu_all.json") + "\n")
         report["methods_exit"] = dict(zip(regimes, codes))
+        table = work / "adc-224" / "adc_domains-224.md"
+        md.append(f"\n## The drift remedies at 224 px, 20 tasks, one seed (exit {adc_code}; share won back: "
+                  f"drift_recovery in each run's results.json)\n\n" + (table.read_text() if table.exists() else
+                                                                        "no table: a run failed or the budget ran out"))
+        report["adc_exit"] = adc_code
         report["runs"] = [run_digest(r) for r in sorted(work.glob("*-224/**/results.json"))]
         with tarfile.open(out / "gpu_all_runs.tgz", "w:gz") as tar:  # every run's results and log, no checkpoint
             for f in sorted([*work.rglob("results.json"), *work.rglob("log.txt")]):
                 tar.add(f, arcname=str(f.relative_to(work)))
         md.append(f"\n{time.perf_counter() - t0:.0f} s in all.")
         save()
-        return int(code != 0 or any(codes))
+        return int(code != 0 or adc_code != 0 or any(codes))
     finally:
         logfile.close()
         save()
