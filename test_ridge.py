@@ -777,3 +777,35 @@ def test_sldc_heads_run_beside_a_run_and_move_only_the_old_classes(tmp_path, mon
     assert not torch.equal(moved["means"][:75], stale["means"][:75])  # tasks 1 to 3's classes moved
     assert torch.equal(moved["means"][75:], stale["means"][75:])  # the newest task's, taken under today's backbone
     assert c["ridge0/sldc"]["factors"] is not None and c["ridge0/sldc"]["counts"].sum() == 200
+
+
+def test_a_run_with_remedies_beside_it_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    """Every remedy's statistics are checkpointed with the run: interrupted during the second task and resumed, a run
+    keeping LDC (its views drawn from a generator), SLDC's two maps (one fitted from a generator) and the best linear
+    map beside its head ends with the uninterrupted run's accuracies and, to the bit, its heads' statistics, which the
+    remedies moved after the resume."""
+    monkeypatch.setattr(classifier, "SLDC_STEPS", 50)  # a short fit: what is checked is that it resumes
+    heads = "align/ldc,ridge/sldc,align/sldc-linear,align/oracle-map,align/oracle"  # ADC's push: its own test
+    argv = [*TINY, "--tasks", "2", "--epochs", "1", "--train-per-class", "2", "--classifier", "ncm",
+            "--rp-dim", "32", "--draws", "1", "--compare-heads", heads]
+    reference = treelora.main([*argv, "--out", str(tmp_path / "reference")])
+    real, calls = continual.evaluate_heads, []
+
+    def interrupted_at_task_2(*args, **kwargs):  # the first task's statistics are in the checkpoint, not yet moved
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(continual, "evaluate_heads", interrupted_at_task_2)
+    with pytest.raises(continual.Interrupted):
+        treelora.main([*argv, "--out", str(tmp_path / "killed")])
+    monkeypatch.setattr(continual, "evaluate_heads", real)
+    resumed = treelora.main([*argv, "--out", str(tmp_path / "killed"), "--resume"])
+    assert resumed["heads"] == reference["heads"] and resumed["accuracy_matrix"] == reference["accuracy_matrix"]
+    assert resumed["drift_recovery"] == reference["drift_recovery"]
+    a, b = (torch.load(tmp_path / k / continual.CHECKPOINT, weights_only=True) for k in ("killed", "reference"))
+    for name, state in b["compare_heads"].items():
+        for k, v in state.items():
+            assert (torch.equal(v, a["compare_heads"][name][k]) if torch.is_tensor(v)
+                    else v == a["compare_heads"][name][k]), (name, k)
