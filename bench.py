@@ -1179,8 +1179,7 @@ def gpu_all(device: torch.device, out: Path, work: Path, stamp: str, explicit_de
             budget: float) -> int:
     """--gpu-all: the speed report alone on the GPU; then the GPU check; then the methods set at 224 px on both
     real regimes at once (8 runs each, one seed) and the adc set's remedies on the domain regime (3 runs), every child
-    stopped at the budget. Writes gpu_all.md,
-    gpu_all.json and gpu_all_log.txt in out; returns the exit code (1 if the check failed or a run did)."""
+    stopped at the budget. Writes gpu_all.md, gpu_all.json and gpu_all_log.txt in out; returns the exit code (1 if the check failed or a run did)."""
     t0 = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
     md: list[str] = [f"# Every GPU figure in one go\n\n{stamp}\n"]

@@ -62,9 +62,9 @@ the methods keep no old data to refresh them with. `drift` says what happens to 
           after the task carries every statistic: the best any single linear map of the features could do, so that
           what a map fitted on the task's images loses splits into what its evidence costs and what being one linear
           map costs;
-  <map>-mean  any map above (linear, linear-cv, linear-cls, adc-linear, ldc, linear-views, adc-views) moving the
-          means only, the covariances left stale: oracle-mean's remedy counterpart, for backbones whose covariances
-          a map carries worse than it leaves them (docs/results.md).
+  <map>-mean  any map above (linear, linear-cv, linear-cls, adc-linear, ldc, linear-views, adc-views, sldc-linear)
+          moving the means only, the covariances left stale: oracle-mean's remedy counterpart, for backbones whose
+          covariances a map carries worse than it leaves them (docs/results.md).
 """
 from __future__ import annotations
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+import continual
 from hypothesis import settings
 
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
@@ -104,3 +106,18 @@ def usage_error(capsys):
         return err.strip().splitlines()[-1]
 
     return run
+
+
+def interrupt_evaluation(monkeypatch, at: int):
+    """Make the loop's evaluation raise KeyboardInterrupt (a Ctrl-C) on its `at`-th call, so that the run stops with
+    the tasks before it checkpointed; returns the call that puts the real evaluation back."""
+    real, calls = continual.evaluate_heads, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == at:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(continual, "evaluate_heads", interrupted)
+    return lambda: monkeypatch.setattr(continual, "evaluate_heads", real)

@@ -12,7 +12,7 @@ import continual
 import ham
 import treelora
 import trm
-from conftest import TINY
+from conftest import TINY, interrupt_evaluation
 
 SCRIPTS = {"ham": (ham, ["--groups", "1"]), "treelora": (treelora, ["--grad-density", "0.5"]),
            "trm": (trm, ["--merge-steps", "3"])}
@@ -51,18 +51,10 @@ def test_compiled_blocks_train_as_eager_does(script, tmp_path, compiled_on_the_c
 def test_a_compiled_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, compiled_on_the_cpu):
     argv = [*SHORT, *SCRIPTS["trm"][1], "--compile", "default"]
     reference = trm.main([*argv, "--out", str(tmp_path / "reference")])
-    real, calls = continual.evaluate_heads, []
-
-    def interrupted_at_task_3(*args, **kwargs):  # a Ctrl-C during the third task's evaluation
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(continual, "evaluate_heads", interrupted_at_task_3)
+    restore = interrupt_evaluation(monkeypatch, at=3)  # a Ctrl-C during the third task's evaluation
     with pytest.raises(continual.Interrupted):
         trm.main([*argv, "--out", str(tmp_path / "killed")])
-    monkeypatch.setattr(continual, "evaluate_heads", real)
+    restore()
     assert len(_checkpoint(tmp_path / "killed")["accuracy_matrix"]) == 2
     resumed = trm.main([*argv, "--out", str(tmp_path / "killed"), "--resume"])
     assert resumed["accuracy_matrix"] == reference["accuracy_matrix"]

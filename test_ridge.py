@@ -15,7 +15,7 @@ import treelora
 from classifier import (Classifier, adversarial_means, adversarial_pairs, choose_lambda, choose_map_ridge,
                         carry, choose_map_ridge_by_class, class_statistics, gaussian_gram, ldc_projector,
                         linear_drift_map, ncm_means, one_hot, project, ridge_solve)
-from conftest import TINY, learned, run_script
+from conftest import TINY, interrupt_evaluation, learned, run_script
 from flags import CLArgs
 
 
@@ -789,18 +789,10 @@ def test_a_run_with_remedies_beside_it_resumes_to_the_uninterrupted_result(tmp_p
     argv = [*TINY, "--tasks", "2", "--epochs", "1", "--train-per-class", "2", "--classifier", "ncm",
             "--rp-dim", "32", "--draws", "1", "--compare-heads", heads]
     reference = treelora.main([*argv, "--out", str(tmp_path / "reference")])
-    real, calls = continual.evaluate_heads, []
-
-    def interrupted_at_task_2(*args, **kwargs):  # the first task's statistics are in the checkpoint, not yet moved
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(continual, "evaluate_heads", interrupted_at_task_2)
+    restore = interrupt_evaluation(monkeypatch, at=2)  # the first task's statistics checkpointed, not yet moved
     with pytest.raises(continual.Interrupted):
         treelora.main([*argv, "--out", str(tmp_path / "killed")])
-    monkeypatch.setattr(continual, "evaluate_heads", real)
+    restore()
     resumed = treelora.main([*argv, "--out", str(tmp_path / "killed"), "--resume"])
     assert resumed["heads"] == reference["heads"] and resumed["accuracy_matrix"] == reference["accuracy_matrix"]
     assert resumed["drift_recovery"] == reference["drift_recovery"]
